@@ -1,0 +1,336 @@
+"""`HamiltonianRecord`: one structure with its real-space Hamiltonian and overlap blocks.
+
+Every reader (PySCF, DeepH, DeePTB) produces records and every writer (shards, folders)
+consumes them, so conventions are enforced once, here:
+
+* lengths in Å, energies in eV, cell rows are lattice vectors;
+* edge e = (i, j, Rx, Ry, Rz) holds H_ij(R) = ⟨φ_i(r−τ_i)|H|φ_j(r−τ_j−R·cell)⟩ with shape
+  (n_orb(Z_i), n_orb(Z_j)) in the package orbital order (basis.py);
+* both directions of every pair are stored and H_ji(−R) = H_ij(R)ᵀ (real basis);
+* `h` holds H − μS with μ = ⟨H,S⟩/⟨S,S⟩ (`meta["energy_zero_eV"]`), so the target does not
+  depend on the arbitrary energy zero of the DFT code; `absolute_h()` adds μS back.
+
+Blocks are stored flat (all blocks concatenated in edge order, each row-major), exactly as
+in shards, so a record converts to and from npy/json files without copies or pickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from foundation import keys
+from foundation.basis import BasisSet
+
+HERMITICITY_ATOL_EV = 1e-4
+"""Default tolerance (eV, absolute) for H_ji(−R) = H_ij(R)ᵀ; float32 storage of |H| ≲ 100 eV
+keeps rounding far below it."""
+
+
+class RecordError(ValueError):
+    """A record violates a convention; the message names the structure, edge and block."""
+
+
+def energy_zero(h: np.ndarray, s: np.ndarray) -> float:
+    """μ = ⟨H,S⟩/⟨S,S⟩ (eV) over flat block arrays: the shift that best removes S from H."""
+    h = np.asarray(h, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    return float(np.dot(h, s) / np.dot(s, s))
+
+
+@dataclass
+class HamiltonianRecord:
+    """One structure + basis + directed edges + flat H/S blocks + metadata (eV, Å)."""
+
+    key: str
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    basis: BasisSet
+    edges: np.ndarray
+    h: np.ndarray
+    s: np.ndarray | None
+    meta: dict = field(default_factory=dict)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1)
+        self.positions = np.asarray(self.positions, dtype=np.float64).reshape(-1, 3)
+        self.cell = np.asarray(self.cell, dtype=np.float64).reshape(3, 3)
+        self.pbc = np.asarray(self.pbc, dtype=bool).reshape(3)
+        self.edges = np.asarray(self.edges, dtype=np.int32).reshape(-1, 5)
+        self.h = np.asarray(self.h).reshape(-1)
+        if self.s is not None:
+            self.s = np.asarray(self.s).reshape(-1)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_blocks(
+        cls,
+        key: str,
+        numbers: Sequence[int],
+        positions: np.ndarray,
+        cell: np.ndarray,
+        pbc: Sequence[bool],
+        basis: BasisSet,
+        edges: np.ndarray,
+        h_blocks: Sequence[np.ndarray],
+        s_blocks: Sequence[np.ndarray] | None,
+        meta: Mapping | None = None,
+        shift_energy_zero: bool = True,
+        dtype: type = np.float32,
+        validate: bool = True,
+    ) -> HamiltonianRecord:
+        """Build from per-edge blocks of the *absolute* H (eV) in package order.
+
+        With ``shift_energy_zero`` (default) the stored target is H − μS and μ goes to meta.
+        """
+        h = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1) for b in h_blocks])
+        s = (
+            None
+            if s_blocks is None
+            else np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1) for b in s_blocks])
+        )
+        meta = dict(meta or {})
+        if shift_energy_zero:
+            if s is None:
+                raise RecordError(f"{key}: cannot shift the energy zero without overlap blocks.")
+            mu = energy_zero(h, s)
+            h = h - mu * s
+            meta[keys.ENERGY_ZERO] = mu
+        meta.setdefault(keys.ENERGY_ZERO, 0.0)
+        rec = cls(
+            key=key,
+            numbers=np.asarray(numbers),
+            positions=positions,
+            cell=cell,
+            pbc=np.asarray(pbc),
+            basis=basis,
+            edges=edges,
+            h=h.astype(dtype),
+            s=None if s is None else s.astype(dtype),
+            meta=meta,
+        )
+        if validate:
+            rec.validate()
+        return rec
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def n_atoms(self) -> int:
+        return int(self.numbers.shape[0])
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.shape[0])
+
+    @property
+    def n_orb_per_atom(self) -> np.ndarray:
+        return self.basis.n_orb_array(self.numbers)
+
+    @property
+    def block_shapes(self) -> np.ndarray:
+        """(E, 2) shape of each edge's block."""
+        n = self.n_orb_per_atom
+        return np.stack([n[self.edges[:, 0]], n[self.edges[:, 1]]], axis=1)
+
+    @property
+    def block_offsets(self) -> np.ndarray:
+        """(E + 1,) start of each block in the flat arrays (last entry = total size)."""
+        sizes = np.prod(self.block_shapes, axis=1)
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def blocks(self, name: str = keys.H) -> list[np.ndarray]:
+        """Per-edge 2-D blocks of `h`, `s` or an extra with the same layout."""
+        flat = self._flat(name)
+        off = self.block_offsets
+        return [
+            flat[off[e] : off[e + 1]].reshape(shape) for e, shape in enumerate(self.block_shapes)
+        ]
+
+    def _flat(self, name: str) -> np.ndarray:
+        if name == keys.H:
+            return self.h
+        if name == keys.S:
+            if self.s is None:
+                raise RecordError(f"{self.key}: record has no overlap blocks.")
+            return self.s
+        if name not in self.extras:
+            raise RecordError(
+                f"{self.key}: no target {name!r} (has h, s, {', '.join(self.extras) or 'no extras'})."
+            )
+        return self.extras[name]
+
+    def absolute_h(self) -> np.ndarray:
+        """Flat H in eV with the DFT code's energy zero restored (H − μS + μS)."""
+        mu = float(self.meta.get(keys.ENERGY_ZERO, 0.0))
+        if mu == 0.0:
+            return self.h.astype(np.float64)
+        return self.h.astype(np.float64) + mu * self._flat(keys.S).astype(np.float64)
+
+    def edge_vectors(self) -> np.ndarray:
+        """(E, 3) r_ij = τ_j + R·cell − τ_i in Å."""
+        i, j, r = self.edges[:, 0], self.edges[:, 1], self.edges[:, 2:5]
+        return self.positions[j] + r @ self.cell - self.positions[i]
+
+    def reverse_edge_index(self) -> np.ndarray:
+        """(E,) index of edge (j, i, −R) for every edge (i, j, R); raises if one is missing."""
+        lookup = {tuple(e): k for k, e in enumerate(self.edges.tolist())}
+        rev = np.empty(self.n_edges, dtype=np.int64)
+        for k, (i, j, rx, ry, rz) in enumerate(self.edges.tolist()):
+            other = lookup.get((j, i, -rx, -ry, -rz))
+            if other is None:
+                raise RecordError(
+                    f"{self.key}: edge {k} (i={i}, j={j}, R=({rx},{ry},{rz})) has no reverse edge "
+                    f"(j={j}, i={i}, R=({-rx},{-ry},{-rz})); records must hold both directions."
+                )
+            rev[k] = other
+        return rev
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, herm_atol: float = HERMITICITY_ATOL_EV) -> None:
+        """Check shapes against the basis, finiteness and hermiticity; raise `RecordError`."""
+        k = self.key
+        if self.positions.shape[0] != self.n_atoms:
+            raise RecordError(
+                f"{k}: {self.n_atoms} atomic numbers but {len(self.positions)} positions."
+            )
+        for z in np.unique(self.numbers):
+            try:
+                self.basis.shells_of(int(z))
+            except KeyError as exc:
+                raise RecordError(f"{k}: {exc.args[0]}") from None
+        if self.n_edges == 0:
+            raise RecordError(f"{k}: record has no edges.")
+        ij = self.edges[:, :2]
+        if ij.min() < 0 or ij.max() >= self.n_atoms:
+            bad = int(np.flatnonzero((ij < 0).any(1) | (ij >= self.n_atoms).any(1))[0])
+            raise RecordError(
+                f"{k}: edge {bad} {self.edges[bad].tolist()} names an atom outside 0..{self.n_atoms - 1}."
+            )
+        if np.any(self.edges[:, 2:5][:, ~self.pbc] != 0):
+            raise RecordError(f"{k}: an edge has a lattice translation along a non-periodic axis.")
+        total = int(self.block_offsets[-1])
+        arrays = {keys.H: self.h, keys.S: self.s} | {
+            n: a for n, a in self.extras.items() if a.size == total
+        }
+        for name, arr in arrays.items():
+            if arr is None:
+                continue
+            if arr.size != total:
+                raise RecordError(
+                    f"{k}: '{name}' holds {arr.size} values but the basis {self.basis.name!r} "
+                    f"and {self.n_edges} edges need {total}: wrong basis or truncated blocks."
+                )
+            if not np.all(np.isfinite(arr)):
+                e = int(
+                    np.searchsorted(
+                        self.block_offsets, np.flatnonzero(~np.isfinite(arr))[0], side="right"
+                    )
+                    - 1
+                )
+                raise RecordError(
+                    f"{k}: '{name}' has a non-finite value in block of edge {e} {self.edges[e].tolist()}."
+                )
+        rev = self.reverse_edge_index()
+        for name in (keys.H, keys.S):
+            if arrays.get(name) is None:
+                continue
+            blocks = self.blocks(name)
+            for e, r in enumerate(rev):
+                if r < e:
+                    continue
+                err = float(np.max(np.abs(blocks[e] - blocks[r].T)))
+                if err > herm_atol:
+                    raise RecordError(
+                        f"{k}: '{name}' is not hermitian: block of edge {e} {self.edges[e].tolist()} "
+                        f"differs from the transpose of its reverse edge {r} by {err:.3g} "
+                        f"(tolerance {herm_atol:g}); check the orbital convention of the source."
+                    )
+
+    # ------------------------------------------------------------------ files (npy/json)
+    def structure_json(self) -> dict:
+        return {
+            keys.KEY: self.key,
+            keys.NUMBERS: self.numbers.tolist(),
+            keys.POSITIONS: self.positions.tolist(),
+            keys.CELL: self.cell.tolist(),
+            keys.PBC: self.pbc.tolist(),
+            "basis_set": self.basis.to_dict(),
+            keys.META: self.meta,
+        }
+
+    def to_files(self) -> dict[str, bytes]:
+        """Serialise to named file payloads: structure.json, edges.npy, h.npy, s.npy, extras."""
+        files = {"structure.json": json.dumps(self.structure_json()).encode()}
+        arrays = {keys.EDGES: self.edges, keys.H: self.h}
+        if self.s is not None:
+            arrays[keys.S] = self.s
+        arrays |= self.extras
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+            files[f"{name}.npy"] = buf.getvalue()
+        return files
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes], origin: str = "<memory>") -> HamiltonianRecord:
+        """Inverse of `to_files`; `origin` (a path or shard name) goes into error messages."""
+        try:
+            st = json.loads(files["structure.json"])
+            arrays = {
+                name[: -len(".npy")]: np.load(io.BytesIO(data), allow_pickle=False)
+                for name, data in files.items()
+                if name.endswith(".npy")
+            }
+            edges = arrays.pop(keys.EDGES)
+            h = arrays.pop(keys.H)
+        except KeyError as exc:
+            raise RecordError(f"{origin}: sample is missing {exc.args[0]!r}.") from None
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise RecordError(f"{origin}: unreadable sample ({exc}).") from None
+        s = arrays.pop(keys.S, None)
+        return cls(
+            key=st[keys.KEY],
+            numbers=np.asarray(st[keys.NUMBERS]),
+            positions=np.asarray(st[keys.POSITIONS]),
+            cell=np.asarray(st[keys.CELL]),
+            pbc=np.asarray(st[keys.PBC]),
+            basis=BasisSet.from_dict(st["basis_set"]),
+            edges=edges,
+            h=h,
+            s=s,
+            meta=st.get(keys.META, {}),
+            extras=arrays,
+        )
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the record's files into `directory` atomically (tmp dir + rename)."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for name, data in self.to_files().items():
+            (tmp / name).write_bytes(data)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> HamiltonianRecord:
+        directory = Path(directory)
+        if not (directory / "structure.json").is_file():
+            raise RecordError(f"{directory}: no structure.json; not a saved record directory.")
+        files = {
+            p.name: p.read_bytes() for p in directory.iterdir() if p.suffix in (".json", ".npy")
+        }
+        return cls.from_files(files, origin=str(directory))

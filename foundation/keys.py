@@ -1,0 +1,39 @@
+"""One vocabulary for every field that flows through records, shards, batches and models.
+
+Import names from here instead of spelling strings by hand, so a field has one name
+everywhere (shard member suffixes, batch dict keys, model outputs, metric names).
+"""
+
+# --- structure (units: Å) -------------------------------------------------------------
+NUMBERS = "numbers"  # (N,) atomic numbers
+POSITIONS = "positions"  # (N, 3) Cartesian positions, Å
+CELL = "cell"  # (3, 3) lattice vectors as rows, Å (per structure; (B, 3, 3) in a batch)
+PBC = "pbc"  # (3,) periodic flags
+
+# --- graph ----------------------------------------------------------------------------
+EDGES = "edges"  # (E, 5) int32 rows (i, j, Rx, Ry, Rz) as stored in records/shards
+EDGE_INDEX = "edge_index"  # (2, E) int64 (i, j), batch-global atom indices
+EDGE_SHIFT = "edge_shift"  # (E, 3) integer lattice translation R of the j-side atom
+EDGE_VECTOR = "edge_vector"  # (E, 3) r_ij = τ_j + R·cell − τ_i, Å
+EDGE_REVERSE = "edge_reverse"  # (E,) index of the edge (j, i, −R)
+BATCH = "batch"  # (N,) structure index of each atom
+EDGE_BATCH = "edge_batch"  # (E,) structure index of each edge
+N_ATOMS = "n_atoms"  # (B,) atoms per structure
+N_EDGES = "n_edges"  # (B,) edges per structure
+
+# --- targets (units: eV for H, dimensionless for S) -----------------------------------
+H = "h"  # Hamiltonian blocks H − μS
+S = "s"  # overlap blocks
+H_HSE = "h_hse"  # hybrid-functional Hamiltonian blocks (fine-tuning)
+DH = "dh"  # finite-displacement derivatives dH/du (e-ph)
+BLOCK_MASK = "block_mask"  # (E, n_uni, n_uni) bool: which padded entries are real orbitals
+ONSITE = "onsite"  # (E,) bool: i == j and R == 0
+
+# --- metadata -------------------------------------------------------------------------
+KEY = "key"  # unique structure id (also the webdataset sample key)
+META = "meta"
+ENERGY_ZERO = "energy_zero_eV"  # μ = ⟨H,S⟩/⟨S,S⟩ subtracted from the stored H (eV)
+N_ELECTRONS = "n_electrons"  # valence electrons (from the pseudopotential)
+FUNCTIONAL = "functional"
+SOURCE = "source"
+BASIS_NAME = "basis"
