@@ -93,6 +93,25 @@ class HamiltonianRecord:
 
         With ``shift_energy_zero`` (default) the stored target is H − μS and μ goes to meta.
         """
+        edges = np.asarray(edges, dtype=np.int32).reshape(-1, 5)
+        try:
+            n_orb = basis.n_orb_array(numbers) if validate else None
+        except KeyError as exc:
+            raise RecordError(f"{key}: {exc.args[0]}") from None
+        for name, blocks in (("h", h_blocks), ("s", s_blocks)):
+            if blocks is None:
+                continue
+            if len(blocks) != len(edges):
+                raise RecordError(f"{key}: {len(blocks)} '{name}' blocks for {len(edges)} edges.")
+            if n_orb is None:
+                continue
+            for e, (b, (i, j)) in enumerate(zip(blocks, edges[:, :2], strict=True)):
+                if np.shape(b) != (n_orb[i], n_orb[j]):
+                    raise RecordError(
+                        f"{key}: '{name}' block of edge {e} {edges[e].tolist()} has shape "
+                        f"{np.shape(b)} but basis {basis.name!r} needs {(n_orb[i], n_orb[j])}: "
+                        "wrong basis or truncated blocks."
+                    )
         h = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1) for b in h_blocks])
         s = (
             None
