@@ -1,0 +1,193 @@
+"""Graphs for the model: neighbour edges (i, j, R), padded universal blocks, batching.
+
+* `neighbor_edges` lists every directed pair closer than a cutoff (both directions, periodic
+  images through the integer shift R) plus one on-site edge (i, i, 0, 0, 0) per atom, sorted
+  lexicographically by (i, j, Rx, Ry, Rz) so the order never depends on the neighbour search.
+* `record_to_graph` turns a `HamiltonianRecord` into a dict of tensors keyed by
+  `foundation.keys`: structure, edges, reverse-edge index, on-site flags, block masks and
+  each target as padded (E, n_uni, n_uni) blocks in the universal basis (zeros outside the
+  mask). Edge vectors are *not* stored: the model computes r_ij = τ_j + R·cell − τ_i from
+  positions so that autograd with respect to positions works.
+* `collate_graphs` concatenates graphs into one batch (offsetting indices).
+* `blocks_from_padded` is the inverse of the padding, for export.
+
+Units: Å; blocks in eV (H) or dimensionless (S), package orbital order (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ase.neighborlist import primitive_neighbor_list
+
+from foundation import keys
+from foundation.basis import UniversalBasis
+from foundation.data.record import HamiltonianRecord, RecordError
+
+_INDEX_KEYS = {keys.EDGE_INDEX: keys.N_ATOMS, keys.EDGE_REVERSE: keys.N_EDGES}
+
+
+def neighbor_edges(
+    numbers: np.ndarray,
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: Sequence[bool],
+    cutoff_A: float,
+) -> np.ndarray:
+    """(E, 5) int32 edges (i, j, Rx, Ry, Rz) with |τ_j + R·cell − τ_i| < cutoff_A.
+
+    Both directions of every pair are listed, images of an atom itself (i, i, R ≠ 0) are
+    edges like any other, and each atom gets one on-site edge (i, i, 0, 0, 0). Rows are sorted
+    by (i, j, Rx, Ry, Rz). Positions and cell rows in Å.
+    """
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    n = positions.shape[0]
+    if len(np.asarray(numbers).reshape(-1)) != n:
+        raise ValueError(f"neighbor_edges: {len(numbers)} atomic numbers but {n} positions.")
+    if cutoff_A <= 0:
+        raise ValueError(f"neighbor_edges: cutoff_A must be positive, got {cutoff_A}.")
+    i, j, shift = primitive_neighbor_list(
+        "ijS",
+        np.asarray(pbc, dtype=bool),
+        np.asarray(cell, dtype=np.float64).reshape(3, 3),
+        positions,
+        float(cutoff_A),
+        self_interaction=False,
+        use_scaled_positions=False,
+    )
+    edges = np.concatenate(
+        [
+            np.column_stack([i, j, shift]),
+            np.column_stack([np.arange(n), np.arange(n), np.zeros((n, 3), dtype=np.int64)]),
+        ]
+    ).astype(np.int32)
+    order = np.lexsort(edges.T[::-1])
+    return edges[order]
+
+
+def _species_index(universal: UniversalBasis, numbers: np.ndarray, key: str) -> list[np.ndarray]:
+    try:
+        return [universal.orbital_index(int(z)) for z in numbers]
+    except KeyError as exc:
+        raise RecordError(f"{key}: {exc.args[0]}") from None
+
+
+def record_to_graph(
+    record: HamiltonianRecord,
+    universal: UniversalBasis,
+    targets: Sequence[str] = (keys.H, keys.S),
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """One record → dict of tensors for the model (keys from `foundation.keys`).
+
+    Holds NUMBERS (N,) long, POSITIONS (N, 3), CELL (1, 3, 3), EDGE_INDEX (2, E) long,
+    EDGE_SHIFT (E, 3) long, EDGE_REVERSE (E,) long, ONSITE (E,) bool, BLOCK_MASK
+    (E, n_uni, n_uni) bool, each target (E, n_uni, n_uni) zero-padded, N_ATOMS and N_EDGES
+    (1,) long. Floating tensors have ``dtype``.
+    """
+    numbers = record.numbers
+    edges = record.edges.astype(np.int64)
+    src, dst, shift = edges[:, 0], edges[:, 1], edges[:, 2:5]
+    n_uni = universal.n_orb
+    index = _species_index(universal, numbers, record.key)
+    masks = universal.mask_table()[numbers]  # (N, n_uni); every element checked just above
+
+    graph: dict[str, torch.Tensor] = {
+        keys.NUMBERS: torch.as_tensor(numbers, dtype=torch.long),
+        keys.POSITIONS: torch.as_tensor(record.positions, dtype=dtype),
+        keys.CELL: torch.as_tensor(record.cell, dtype=dtype).reshape(1, 3, 3),
+        keys.EDGE_INDEX: torch.as_tensor(np.stack([src, dst]), dtype=torch.long),
+        keys.EDGE_SHIFT: torch.as_tensor(shift, dtype=torch.long),
+        keys.EDGE_REVERSE: torch.as_tensor(record.reverse_edge_index(), dtype=torch.long),
+        keys.ONSITE: torch.as_tensor((src == dst) & ~shift.any(axis=1)),
+        keys.BLOCK_MASK: torch.as_tensor(masks[src][:, :, None] & masks[dst][:, None, :]),
+        keys.N_ATOMS: torch.tensor([record.n_atoms], dtype=torch.long),
+        keys.N_EDGES: torch.tensor([record.n_edges], dtype=torch.long),
+    }
+
+    # Place each target's blocks into the padded basis, one species pair at a time.
+    z_pairs = np.stack([numbers[src], numbers[dst]], axis=1)
+    groups = [np.flatnonzero((z_pairs == p).all(axis=1)) for p in np.unique(z_pairs, axis=0)]
+    for name in targets:
+        blocks = record.blocks(name)  # raises a RecordError naming the record if absent
+        padded = np.zeros((record.n_edges, n_uni, n_uni), dtype=np.float64)
+        for sel in groups:
+            ii, jj = index[src[sel[0]]], index[dst[sel[0]]]
+            padded[sel[:, None, None], ii[None, :, None], jj[None, None, :]] = np.stack(
+                [blocks[e] for e in sel]
+            )
+        graph[name] = torch.as_tensor(padded, dtype=dtype)
+    return graph
+
+
+def collate_graphs(graphs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate graphs into one batch.
+
+    EDGE_INDEX is offset by the atoms and EDGE_REVERSE by the edges of the graphs before it;
+    every other tensor is concatenated along its first axis (so CELL becomes (B, 3, 3) and
+    N_ATOMS/N_EDGES (B,)). Adds BATCH (N,) and EDGE_BATCH (E,): the structure of each atom/edge.
+    """
+    if not graphs:
+        raise ValueError("collate_graphs: empty list of graphs.")
+    names = list(graphs[0])
+    for g, graph in enumerate(graphs):
+        if list(graph) != names:
+            raise ValueError(
+                f"collate_graphs: graph {g} has keys {sorted(graph)} but graph 0 has {sorted(names)}."
+            )
+    n_atoms = torch.cat([g[keys.N_ATOMS] for g in graphs])
+    n_edges = torch.cat([g[keys.N_EDGES] for g in graphs])
+    starts = {
+        keys.N_ATOMS: torch.cumsum(n_atoms, 0) - n_atoms,
+        keys.N_EDGES: torch.cumsum(n_edges, 0) - n_edges,
+    }
+    batch: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name in (keys.BATCH, keys.EDGE_BATCH):
+            continue
+        if name in _INDEX_KEYS:
+            start = starts[_INDEX_KEYS[name]]
+            batch[name] = torch.cat([g[name] + start[b] for b, g in enumerate(graphs)], dim=-1)
+        else:
+            batch[name] = torch.cat([g[name] for g in graphs], dim=0)
+    structure = torch.arange(len(graphs))
+    batch[keys.BATCH] = torch.repeat_interleave(structure, n_atoms)
+    batch[keys.EDGE_BATCH] = torch.repeat_interleave(structure, n_edges)
+    return batch
+
+
+def blocks_from_padded(
+    padded: torch.Tensor | np.ndarray,
+    numbers: Sequence[int] | np.ndarray,
+    edges: np.ndarray | torch.Tensor,
+    universal: UniversalBasis,
+) -> list[np.ndarray]:
+    """Padded (E, n_uni, n_uni) blocks → per-edge (n_orb(Z_i), n_orb(Z_j)) float64 blocks.
+
+    ``edges`` is either the record's (E, 5) rows (i, j, Rx, Ry, Rz) or an EDGE_INDEX (2, E);
+    ``numbers`` are the atomic numbers of the structure. For a record:
+    ``blocks_from_padded(pred, record.numbers, record.edges, universal)``.
+    """
+    if isinstance(padded, torch.Tensor):
+        padded = padded.detach().cpu().double().numpy()
+    edges = np.asarray(edges.cpu() if isinstance(edges, torch.Tensor) else edges)
+    n_edges = padded.shape[0]
+    if edges.shape == (n_edges, 5):
+        src, dst = edges[:, 0], edges[:, 1]
+    elif edges.shape == (2, n_edges):
+        src, dst = edges[0], edges[1]
+    else:
+        raise ValueError(
+            f"blocks_from_padded: {n_edges} blocks need edges of shape ({n_edges}, 5) or "
+            f"(2, {n_edges}), got {tuple(edges.shape)}."
+        )
+    numbers = np.asarray(numbers).reshape(-1)
+    index = [universal.orbital_index(int(z)) for z in numbers]
+    return [
+        padded[e][np.ix_(index[i], index[j])] for e, (i, j) in enumerate(zip(src, dst, strict=True))
+    ]
+
+
+__all__ = ["neighbor_edges", "record_to_graph", "collate_graphs", "blocks_from_padded"]

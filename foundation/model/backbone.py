@@ -1,0 +1,379 @@
+"""Equivariant message passing that updates node and edge features.
+
+Edges are the graph's directed edges (i, j, R) other than the on-site ones (i, i, 0); their
+vectors r_ij = τ_j + R·cell − τ_i (Å) are computed here from positions, so derivatives with
+respect to positions flow through autograd. Vectors enter e3nn in the (y, z, x) frame
+(`foundation.rotations`), which makes e3nn's irreps coincide with the package orbital order.
+
+Every edge feature is proportional to a smooth radial envelope that vanishes, with its first
+two derivatives, at the cutoff (bias-free radial MLPs and zero-preserving gates keep it so),
+and messages to nodes likewise; so features, predicted blocks and their derivatives are
+continuous when atoms cross the cutoff.
+
+The convolution is pluggable (`CONVOLUTIONS`): ``"tensor_product"`` is the reference e3nn
+tensor product with radial-MLP weights; a faster SO(2)/eSCN convolution can be registered
+under another name and checked against it with `foundation.testing`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from e3nn import nn as enn
+from e3nn import o3
+from torch import nn
+
+from foundation import keys
+from foundation.rotations import to_e3nn_frame
+
+
+# ----------------------------------------------------------------------------- geometry
+class RadialBasis(nn.Module):
+    """Bessel functions × polynomial envelope of the edge length (Å).
+
+    φ_n(r) = √(2/c) sin(nπr/c)/r · u(r/c), n = 1 … num_basis, with the DimeNet envelope
+    u(d) = 1 − (p+1)(p+2)/2 d^p + p(p+2) d^{p+1} − p(p+1)/2 d^{p+2} for d < 1 and 0 beyond;
+    u and its first two derivatives vanish at d = 1.
+    irreps_out = num_basis x 0e.
+    """
+
+    def __init__(self, cutoff_A: float, num_basis: int = 8, envelope_p: int = 6):
+        super().__init__()
+        self.cutoff_A = float(cutoff_A)
+        self.p = int(envelope_p)
+        self.irreps_out = o3.Irreps(f"{num_basis}x0e")
+        self.register_buffer(
+            "frequencies", math.pi * torch.arange(1, num_basis + 1, dtype=torch.float64)
+        )
+
+    def envelope(self, d: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        poly = (
+            1.0
+            - (p + 1) * (p + 2) / 2 * d**p
+            + p * (p + 2) * d ** (p + 1)
+            - p * (p + 1) / 2 * d ** (p + 2)
+        )
+        return torch.where(d < 1.0, poly, torch.zeros_like(d))
+
+    def forward(self, lengths: torch.Tensor) -> torch.Tensor:
+        d = (lengths / self.cutoff_A)[:, None]
+        w = self.frequencies.to(lengths.dtype)
+        bessel = math.sqrt(2.0 / self.cutoff_A) * torch.sin(w * d) / lengths[:, None]
+        return bessel * self.envelope(d)
+
+
+@dataclass
+class EdgeGeometry:
+    """Geometry of the non-on-site edges: index into the graph's edges, endpoints, features."""
+
+    edge_ids: torch.Tensor  # (E',) positions of these edges in the graph's edge list
+    src: torch.Tensor  # (E',) i (centre atom; messages are aggregated here)
+    dst: torch.Tensor  # (E',) j (neighbour)
+    vectors: torch.Tensor  # (E', 3) r_ij in Å, e3nn frame (y, z, x)
+    sh: torch.Tensor  # (E', irreps_sh.dim) spherical harmonics of r_ij ('component' norm)
+    radial: torch.Tensor  # (E', num_basis) Bessel × envelope
+
+
+def edge_vectors(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(E, 3) Cartesian r_ij = τ_j + R·cell − τ_i (Å), differentiable w.r.t. positions/cell."""
+    pos = batch[keys.POSITIONS]
+    src, dst = batch[keys.EDGE_INDEX]
+    cell = batch[keys.CELL].reshape(-1, 3, 3)
+    edge_batch = batch.get(keys.EDGE_BATCH)
+    if edge_batch is None:
+        edge_batch = torch.zeros_like(src)
+    shift = batch[keys.EDGE_SHIFT].to(pos.dtype)
+    return pos[dst] + torch.einsum("ea,eab->eb", shift, cell[edge_batch]) - pos[src]
+
+
+def onsite_flags(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(E,) bool: edge is (i, i, 0, 0, 0)."""
+    if keys.ONSITE in batch:
+        return batch[keys.ONSITE].bool()
+    src, dst = batch[keys.EDGE_INDEX]
+    return (src == dst) & (batch[keys.EDGE_SHIFT] == 0).all(dim=1)
+
+
+# ----------------------------------------------------------------------------- convolutions
+class Convolution(nn.Module):
+    """Interface: per-edge features (E', irreps_in) + geometry → (E', irreps_out).
+
+    Implementations must be equivariant and proportional to the radial features (zero radial
+    features ⇒ zero output), so that edge contributions vanish smoothly at the cutoff.
+    """
+
+    irreps_in: o3.Irreps
+    irreps_out: o3.Irreps
+
+    def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TensorProductConvolution(Convolution):
+    """Reference convolution: x ⊗ Y(r̂) with per-edge weights from a radial MLP ('uvu').
+
+    Every path (l_in ⊗ l_sh → l_out) whose output type occurs in irreps_out gets one weight
+    per channel, computed by a bias-free MLP of the radial features; a linear layer then
+    mixes the paths into irreps_out.
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        irreps_out: o3.Irreps,
+        num_radial: int,
+        radial_hidden: int = 64,
+        radial_layers: int = 2,
+    ):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_sh = o3.Irreps(irreps_sh)
+        self.irreps_out = o3.Irreps(irreps_out)
+        wanted = {ir for _, ir in self.irreps_out}
+        mid, instructions = [], []
+        for i1, (mul, ir1) in enumerate(self.irreps_in):
+            for i2, (_, ir2) in enumerate(self.irreps_sh):
+                for ir in ir1 * ir2:
+                    if ir in wanted:
+                        instructions.append((i1, i2, len(mid), "uvu", True))
+                        mid.append((mul, ir))
+        irreps_mid = o3.Irreps(mid)
+        irreps_sorted, perm, _ = irreps_mid.sort()
+        instructions = [(a, b, perm[c], mode, w) for a, b, c, mode, w in instructions]
+        self.tp = o3.TensorProduct(
+            self.irreps_in,
+            self.irreps_sh,
+            irreps_sorted,
+            instructions,
+            shared_weights=False,
+            internal_weights=False,
+        )
+        self.radial = enn.FullyConnectedNet(
+            [num_radial] + [radial_hidden] * radial_layers + [self.tp.weight_numel],
+            torch.nn.functional.silu,
+        )
+        self.linear = o3.Linear(irreps_sorted, self.irreps_out)
+
+    def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
+        return self.linear(self.tp(x, geometry.sh, self.radial(geometry.radial)))
+
+
+CONVOLUTIONS: dict[str, type[Convolution]] = {"tensor_product": TensorProductConvolution}
+"""Registry of convolutions by config name (`conv:` in conf/model/*.yaml)."""
+
+
+def make_convolution(name: str, **kwargs) -> Convolution:
+    if name not in CONVOLUTIONS:
+        raise ValueError(f"Unknown convolution {name!r}; known: {', '.join(CONVOLUTIONS)}.")
+    return CONVOLUTIONS[name](**kwargs)
+
+
+# ----------------------------------------------------------------------------- layers
+class GatedLinear(nn.Module):
+    """Linear map to gate inputs, then e3nn Gate: irreps_in → irreps_out.
+
+    Scalars 0e pass through SiLU and 0o through tanh; every l > 0 irrep of irreps_out is
+    multiplied by a sigmoid of its own 0e gate. All maps send 0 to 0.
+    """
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_out)
+        scalars = o3.Irreps([(m, ir) for m, ir in self.irreps_out if ir.l == 0])
+        gated = o3.Irreps([(m, ir) for m, ir in self.irreps_out if ir.l > 0])
+        acts = {1: torch.nn.functional.silu, -1: torch.tanh}
+        self.gate = enn.Gate(
+            scalars,
+            [acts[ir.p] for _, ir in scalars],
+            o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps(""),
+            [torch.sigmoid] if gated.num_irreps else [],
+            gated,
+        )
+        self.linear = o3.Linear(self.irreps_in, self.gate.irreps_in)
+        if self.gate.irreps_out != self.irreps_out:
+            raise ValueError(
+                f"irreps {self.irreps_out} must be sorted and simplified for the gate "
+                f"(got gate output {self.gate.irreps_out}); write e.g. {self.irreps_out.sort()[0].simplify()}."
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.linear(x))
+
+
+class InteractionLayer(nn.Module):
+    """One round of message passing, updating nodes then edges, both with residuals.
+
+    node:  x_i ← x_i + Gate( W_m · (1/n̄) Σ_j Conv(W_s x_j + W_e e_ij ; r_ij) + W_x x_i )
+    edge:  e_ij ← e_ij + Gate( W_c · Conv(W_i x_i + W_j x_j + W_e' e_ij ; r_ij) )
+    irreps_in = irreps_out = (irreps_node, irreps_edge).
+    """
+
+    def __init__(
+        self,
+        irreps_node: o3.Irreps,
+        irreps_edge: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        num_radial: int,
+        conv: str = "tensor_product",
+        radial_hidden: int = 64,
+        radial_layers: int = 2,
+        avg_num_neighbors: float = 20.0,
+    ):
+        super().__init__()
+        self.irreps_node = o3.Irreps(irreps_node)
+        self.irreps_edge = o3.Irreps(irreps_edge)
+        self.avg_num_neighbors = float(avg_num_neighbors)
+        conv_kwargs = dict(
+            irreps_sh=irreps_sh,
+            num_radial=num_radial,
+            radial_hidden=radial_hidden,
+            radial_layers=radial_layers,
+        )
+        node, edge = self.irreps_node, self.irreps_edge
+        # node update
+        self.msg_src = o3.Linear(node, node)
+        self.msg_edge = o3.Linear(edge, node)
+        self.msg_conv = make_convolution(conv, irreps_in=node, irreps_out=node, **conv_kwargs)
+        self.node_self = o3.Linear(node, node)
+        self.node_update = GatedLinear(node, node)
+        # edge update
+        self.edge_src = o3.Linear(node, edge)
+        self.edge_dst = o3.Linear(node, edge)
+        self.edge_self = o3.Linear(edge, edge)
+        self.edge_conv = make_convolution(conv, irreps_in=edge, irreps_out=edge, **conv_kwargs)
+        self.edge_update = GatedLinear(edge, edge)
+
+    def forward(
+        self, x: torch.Tensor, e: torch.Tensor, geometry: EdgeGeometry
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        src, dst = geometry.src, geometry.dst
+        messages = self.msg_conv(self.msg_src(x)[dst] + self.msg_edge(e), geometry)
+        aggregated = torch.zeros_like(x).index_add(0, src, messages) / self.avg_num_neighbors
+        x = x + self.node_update(aggregated + self.node_self(x))
+        pair = self.edge_src(x)[src] + self.edge_dst(x)[dst] + self.edge_self(e)
+        e = e + self.edge_update(self.edge_conv(pair, geometry))
+        return x, e
+
+
+# ----------------------------------------------------------------------------- backbone
+@dataclass
+class BackboneOutput:
+    """Features for the heads: nodes (N, irreps_node), edges (E, irreps_edge) over ALL graph
+    edges (rows of on-site edges (i, i, 0) are zero), and the geometry of non-on-site edges."""
+
+    node: torch.Tensor
+    edge: torch.Tensor
+    onsite: torch.Tensor  # (E,) bool
+    geometry: EdgeGeometry
+
+
+class Backbone(nn.Module):
+    """Species embedding → radial basis and spherical harmonics → interaction layers.
+
+    irreps_in: atomic numbers (species of ``elements``) and edge vectors;
+    irreps_out: node features ``irreps_node`` and edge features ``irreps_edge``.
+    """
+
+    def __init__(
+        self,
+        elements: list[int],
+        cutoff_A: float,
+        irreps_node: str,
+        irreps_edge: str | None = None,
+        num_layers: int = 3,
+        sh_lmax: int = 4,
+        num_radial: int = 8,
+        radial_hidden: int = 64,
+        radial_layers: int = 2,
+        envelope_p: int = 6,
+        avg_num_neighbors: float = 20.0,
+        conv: str = "tensor_product",
+    ):
+        super().__init__()
+        self.elements = [int(z) for z in elements]
+        self.cutoff_A = float(cutoff_A)
+        self.irreps_node = o3.Irreps(irreps_node)
+        self.irreps_edge = o3.Irreps(irreps_edge or irreps_node)
+        self.irreps_sh = o3.Irreps.spherical_harmonics(sh_lmax)
+        species = torch.full((119,), -1, dtype=torch.long)
+        species[self.elements] = torch.arange(len(self.elements))
+        self.register_buffer("species_index", species, persistent=False)
+        self.irreps_species = o3.Irreps(f"{len(self.elements)}x0e")
+
+        self.embedding = o3.Linear(self.irreps_species, self.irreps_node)
+        self.radial_basis = RadialBasis(cutoff_A, num_radial, envelope_p)
+        self.spherical_harmonics = o3.SphericalHarmonics(
+            self.irreps_sh, normalize=True, normalization="component"
+        )
+        conv_kwargs = dict(
+            irreps_sh=self.irreps_sh,
+            num_radial=num_radial,
+            radial_hidden=radial_hidden,
+            radial_layers=radial_layers,
+        )
+        self.edge_embedding_src = o3.Linear(self.irreps_node, self.irreps_node)
+        self.edge_embedding_dst = o3.Linear(self.irreps_node, self.irreps_node)
+        self.edge_embedding = make_convolution(
+            conv, irreps_in=self.irreps_node, irreps_out=self.irreps_edge, **conv_kwargs
+        )
+        self.layers = nn.ModuleList(
+            InteractionLayer(
+                self.irreps_node,
+                self.irreps_edge,
+                self.irreps_sh,
+                num_radial,
+                conv=conv,
+                radial_hidden=radial_hidden,
+                radial_layers=radial_layers,
+                avg_num_neighbors=avg_num_neighbors,
+            )
+            for _ in range(num_layers)
+        )
+
+    def geometry(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, EdgeGeometry]:
+        onsite = onsite_flags(batch)
+        edge_ids = torch.nonzero(~onsite).squeeze(1)
+        src, dst = batch[keys.EDGE_INDEX][:, edge_ids]
+        vectors = to_e3nn_frame(edge_vectors(batch)[edge_ids])
+        lengths = torch.linalg.norm(vectors, dim=1)
+        geometry = EdgeGeometry(
+            edge_ids=edge_ids,
+            src=src,
+            dst=dst,
+            vectors=vectors,
+            sh=self.spherical_harmonics(vectors),
+            radial=self.radial_basis(lengths),
+        )
+        return onsite, geometry
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> BackboneOutput:
+        onsite, geometry = self.geometry(batch)
+        species = self.species_index[batch[keys.NUMBERS]]
+        x = self.embedding(nn.functional.one_hot(species, len(self.elements)).to(geometry.sh))
+        pair = self.edge_embedding_src(x)[geometry.src] + self.edge_embedding_dst(x)[geometry.dst]
+        e = self.edge_embedding(pair, geometry)
+        for layer in self.layers:
+            x, e = layer(x, e, geometry)
+        edge = e.new_zeros(onsite.shape[0], e.shape[1]).index_copy(0, geometry.edge_ids, e)
+        return BackboneOutput(node=x, edge=edge, onsite=onsite, geometry=geometry)
+
+
+__all__ = [
+    "Backbone",
+    "BackboneOutput",
+    "CONVOLUTIONS",
+    "Convolution",
+    "EdgeGeometry",
+    "GatedLinear",
+    "InteractionLayer",
+    "RadialBasis",
+    "TensorProductConvolution",
+    "edge_vectors",
+    "make_convolution",
+    "onsite_flags",
+]

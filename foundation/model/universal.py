@@ -1,0 +1,206 @@
+"""The universal model: species embedding → interactions → named heads.
+
+    features = backbone(batch)          # embedding, radial basis, spherical harmonics,
+                                        # interaction layers (backbone.py)
+    output   = {name: head(features, batch) for name, head in heads.items()}   # heads.py
+
+Each output is (E, n_uni, n_uni) padded blocks in the universal basis of ``basis``
+(eV for H, dimensionless for S), exactly hermitian and exactly zero outside BLOCK_MASK.
+Build from a config with `build_model` (conf/model/{tiny,base,large}.yaml).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from ase.data import chemical_symbols
+from torch import nn
+
+from foundation import keys
+from foundation.basis import BasisSet
+from foundation.model.backbone import Backbone, BackboneOutput
+from foundation.model.heads import HEADS
+
+
+class UniversalHamiltonianModel(nn.Module):
+    """Backbone shared by all targets + a dict of heads, for the elements of ``basis``.
+
+    Attributes: ``basis`` (BasisSet), ``universal`` (its padded basis), ``elements``
+    (symbols), ``cutoff_A`` (Å; radial features vanish there), ``backbone``, ``heads``,
+    ``config`` (the resolved config it was built from, or None).
+    """
+
+    def __init__(
+        self,
+        basis: BasisSet,
+        backbone: Backbone,
+        heads: Mapping[str, nn.Module],
+        config: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.basis = basis
+        self.universal = basis.universal
+        self.elements = list(basis.elements)
+        if sorted(backbone.elements) != sorted(basis.atomic_numbers):
+            raise ValueError(
+                f"Backbone embeds elements {backbone.elements} but the basis {basis.name!r} has "
+                f"{basis.atomic_numbers}; build both from the same basis."
+            )
+        self.cutoff_A = backbone.cutoff_A
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(dict(heads))
+        self.config = None if config is None else dict(config)
+
+    def add_head(self, name: str, head: nn.Module) -> None:
+        """Attach (or replace) a head: a module (BackboneOutput, batch) → (E, n_uni, n_uni)."""
+        self.heads[name] = head
+
+    def check_elements(self, numbers: torch.Tensor) -> None:
+        unknown = torch.unique(numbers[self.backbone.species_index[numbers] < 0])
+        if unknown.numel():
+            names = ", ".join(chemical_symbols[int(z)] for z in unknown)
+            raise ValueError(
+                f"Element(s) {names} unknown to this model; it knows {', '.join(self.elements)} "
+                f"(basis {self.basis.name!r})."
+            )
+
+    def features(self, batch: dict[str, torch.Tensor]) -> BackboneOutput:
+        self.check_elements(batch[keys.NUMBERS])
+        return self.backbone(batch)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        features = self.features(batch)
+        return {name: head(features, batch) for name, head in self.heads.items()}
+
+
+# ----------------------------------------------------------------------------- config
+DEFAULTS: dict[str, Any] = {
+    "name": "custom",
+    "cutoff_A": 6.0,
+    "num_layers": 3,
+    "irreps_node": "32x0e+32x0o+16x1o+16x1e+8x2e+8x2o+4x3o+4x3e+4x4e+4x4o",
+    "irreps_edge": None,
+    "sh_lmax": 4,
+    "num_radial": 8,
+    "radial_hidden": 64,
+    "radial_layers": 2,
+    "envelope_p": 6,
+    "avg_num_neighbors": 20.0,
+    "conv": "tensor_product",
+    "heads": {keys.H: {"type": "block", "scale": 1.0}, keys.S: {"type": "block", "scale": 1.0}},
+}
+"""Every key a model config may hold (plus ``_target_`` and ``basis``), with defaults."""
+
+_IGNORED = {"_target_", "basis"}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else f" (valid keys: {', '.join(valid)})"
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A plain dict from None, a Mapping or an OmegaConf DictConfig (interpolations resolved)."""
+    if cfg is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"Model config must be a mapping, got {type(cfg).__name__}.")
+    return dict(cfg)
+
+
+def resolve_config(cfg: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Defaults ← cfg ← overrides as a plain dict; an unknown key raises naming the closest."""
+    cfg = _plain(cfg)
+    merged = cfg | overrides
+    if hasattr(merged.get("heads"), "items"):
+        merged["heads"] = {k: dict(v) for k, v in merged["heads"].items()}
+    for key in merged:
+        if key not in DEFAULTS and key not in _IGNORED:
+            raise ValueError(f"Unknown model config key {key!r}{_closest(key, list(DEFAULTS))}.")
+    resolved = copy.deepcopy(DEFAULTS) | {k: v for k, v in merged.items() if k not in _IGNORED}
+    for name, spec in resolved["heads"].items():
+        head_type = spec.get("type", "block")
+        if head_type not in HEADS:
+            raise ValueError(
+                f"Head {name!r}: unknown type {head_type!r}{_closest(head_type, list(HEADS))}."
+            )
+        extra = set(spec) - {"type", "scale"}
+        if extra:
+            raise ValueError(
+                f"Head {name!r}: unknown key(s) {sorted(extra)}; allowed: type, scale."
+            )
+    return resolved
+
+
+def build_model(
+    cfg: Mapping[str, Any] | None = None,
+    *,
+    basis: BasisSet | Mapping | None = None,
+    **overrides: Any,
+) -> UniversalHamiltonianModel:
+    """Build the model from a config (plain dict / OmegaConf, e.g. conf/model/tiny.yaml).
+
+    ``basis`` (a BasisSet or its ``to_dict()``, e.g. the dataset manifest's ``basis``) is
+    required, either as argument or as ``cfg["basis"]``. Works both as
+    ``build_model(cfg.model, basis=manifest["basis"])`` and through Hydra's
+    ``instantiate(cfg.model, basis=...)`` (keys arrive as keyword overrides).
+    """
+    cfg = _plain(cfg)
+    if basis is None:
+        basis = cfg.get("basis")
+    if basis is None:
+        raise ValueError(
+            "build_model needs the orbital basis: pass basis=BasisSet or the dataset "
+            "manifest's 'basis' dict."
+        )
+    if not isinstance(basis, BasisSet):
+        basis = BasisSet.from_dict(basis)
+    config = resolve_config(cfg, **overrides)
+    irreps_edge = config["irreps_edge"] or config["irreps_node"]
+    backbone = Backbone(
+        elements=basis.atomic_numbers,
+        cutoff_A=config["cutoff_A"],
+        irreps_node=config["irreps_node"],
+        irreps_edge=irreps_edge,
+        num_layers=config["num_layers"],
+        sh_lmax=config["sh_lmax"],
+        num_radial=config["num_radial"],
+        radial_hidden=config["radial_hidden"],
+        radial_layers=config["radial_layers"],
+        envelope_p=config["envelope_p"],
+        avg_num_neighbors=config["avg_num_neighbors"],
+        conv=config["conv"],
+    )
+    heads = {
+        name: HEADS[spec.get("type", "block")](
+            backbone.irreps_node,
+            backbone.irreps_edge,
+            basis.universal,
+            scale=spec.get("scale", 1.0),
+        )
+        for name, spec in config["heads"].items()
+    }
+    return UniversalHamiltonianModel(
+        basis, backbone, heads, config=config | {"basis": basis.to_dict()}
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "DEFAULTS",
+    "UniversalHamiltonianModel",
+    "build_model",
+    "count_parameters",
+    "resolve_config",
+]
