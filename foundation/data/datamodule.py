@@ -1,0 +1,372 @@
+"""LightningDataModule over a shard directory (``data_shards/<name>/``, see shards.py).
+
+Streaming, deterministic, and safe for many ranks:
+
+* **Train** (``resampled``): every (rank, worker) draws shards with replacement from the
+  train split with its own generator seeded by (seed, epoch, rank, worker), reads them with
+  webdataset, mixes samples through a shuffle buffer and packs them into edge-budget
+  batches. An epoch is a fixed number of steps (``steps_per_epoch``) on every rank, so
+  ranks never wait for one another at the end of uneven shards.
+* **Val / test**: every rank streams the whole split in manifest order and packs it into
+  the same global list of edge-budget batches; batch k goes to rank k % world_size (then
+  round-robin to that rank's workers). Ranks left one batch short get a copy flagged
+  ``EVAL_WEIGHT = 0``, so every rank runs the same number of steps (no collective hangs)
+  and every structure counts exactly once in the metrics.
+* **Batches** hold as many structures as fit ``max_edges`` edges (a structure larger than
+  the budget is a batch of its own), collated with `foundation.data.graph.collate_graphs`.
+* **Exact resume**: each train batch carries ``BATCH_POSITION = (epoch, index)``; the
+  datamodule records the last batch handed to the model (``on_before_batch_transfer``) and
+  checkpoints it (``state_dict``), and a resumed run skips the batches already consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from foundation import keys
+from foundation.basis import BasisSet
+from foundation.data.graph import collate_graphs, record_to_graph
+from foundation.data.record import HamiltonianRecord
+
+log = logging.getLogger(__name__)
+
+BATCH_POSITION = "batch_position"
+"""(2,) long tensor (epoch, index within the epoch) of a train batch; removed before the model."""
+EVAL_WEIGHT = "eval_weight"
+"""(1,) float tensor: 1 for a real val/test batch, 0 for a padding copy (metrics skip it)."""
+
+
+class DataConfigError(ValueError):
+    """The data configuration cannot work (missing shards, bad budget); the message says the fix."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _seed(*parts: int) -> int:
+    """A 64-bit seed that depends on every part (order matters)."""
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0]
+    )
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _read_records(urls: Iterable[str]) -> Iterator[HamiltonianRecord]:
+    """Records from an iterable of shard paths, in shard and member order."""
+    from foundation.data.shards import decode_sample, shard_samples
+
+    for sample in shard_samples()({"url": u} for u in urls):
+        yield decode_sample(sample, sample["__url__"])
+
+
+def pack_by_edges(
+    items: Iterable[Any], n_edges: Callable[[Any], int], max_edges: int, max_structures: int | None
+) -> Iterator[list[Any]]:
+    """Greedy edge-budget packing in stream order: a batch closes when the next item would
+    push it past ``max_edges`` (or past ``max_structures``); an item larger than the budget
+    forms a batch of its own."""
+    batch: list[Any] = []
+    edges = 0
+    for item in items:
+        e = n_edges(item)
+        full = max_structures is not None and len(batch) >= max_structures
+        if batch and (edges + e > max_edges or full):
+            yield batch
+            batch, edges = [], 0
+        batch.append(item)
+        edges += e
+    if batch:
+        yield batch
+
+
+class _GraphStream(IterableDataset):
+    """Shared settings: shards, padding basis, targets and batch budget."""
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        basis: BasisSet,
+        targets: Sequence[str],
+        max_edges: int,
+        max_structures: int | None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.shards = list(shards)
+        self.basis = basis
+        self.targets = tuple(targets)
+        self.max_edges = int(max_edges)
+        self.max_structures = max_structures
+        self.rank = rank
+        self.world_size = world_size
+
+    def _collate(self, records: list[HamiltonianRecord]) -> dict[str, torch.Tensor]:
+        universal = self.basis.universal
+        return collate_graphs([record_to_graph(r, universal, self.targets) for r in records])
+
+    def _batches(self, records: Iterable[HamiltonianRecord]) -> Iterator[list[HamiltonianRecord]]:
+        return pack_by_edges(records, lambda r: r.n_edges, self.max_edges, self.max_structures)
+
+
+class TrainStream(_GraphStream):
+    """Resampled shards → shuffle buffer → edge-budget batches; ``steps`` batches per epoch
+    on every rank. ``epoch`` and ``skip`` (batches already consumed this epoch) are set by
+    the loader before each pass."""
+
+    def __init__(self, *args: Any, steps: int, shuffle_buffer: int, seed: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.steps = int(steps)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _resampled_shards(self, rng: random.Random) -> Iterator[str]:
+        while True:
+            yield self.shards[rng.randrange(len(self.shards))]
+
+    def record_batches(
+        self, worker: int = 0, num_workers: int = 1
+    ) -> Iterator[tuple[int, list[HamiltonianRecord]]]:
+        """(index in the epoch, records) of the batches this worker makes: w, w + nw, …"""
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker))
+        records = _read_records(self._resampled_shards(rng))
+        if self.shuffle_buffer > 1:
+            records = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                records
+            )
+        indices = range(worker, self.steps, num_workers)  # DataLoader takes workers round-robin
+        yield from zip(indices, self._batches(records), strict=False)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for index, batch in self.record_batches(*_worker()):
+            if index < self.skip:
+                continue
+            out = self._collate(batch)
+            out[BATCH_POSITION] = torch.tensor([self.epoch, index], dtype=torch.long)
+            yield out
+
+
+class EvalStream(_GraphStream):
+    """The whole split once, in manifest order; batch k → rank k % world_size; the ranks left
+    one short get a weight-0 copy so every rank runs the same number of steps."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        w, nw = _worker()
+        local = 0  # index of the next batch of this rank
+        last = None
+        n_batches = 0
+        for k, batch in enumerate(self._batches(_read_records(self.shards))):
+            n_batches = k + 1
+            if k % self.world_size != self.rank:
+                continue
+            if local % nw == w:
+                out = self._collate(batch)
+                out[EVAL_WEIGHT] = torch.ones(1)
+                yield out
+            local += 1
+            last = batch
+        per_rank = -(-n_batches // self.world_size)
+        if local < per_rank and local % nw == w:
+            pad = last if last is not None else next(self._batches(_read_records(self.shards)))
+            out = self._collate(pad)
+            out[EVAL_WEIGHT] = torch.zeros(1)
+            yield out
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that tells its stream the epoch and the batches to skip before each pass."""
+
+    def __init__(self, stream: TrainStream, start: Callable[[], tuple[int, int]], **kwargs: Any):
+        super().__init__(stream, batch_size=None, **kwargs)
+        self._start = start
+
+    def __iter__(self):
+        self.dataset.epoch, self.dataset.skip = self._start()
+        return super().__iter__()
+
+
+# ----------------------------------------------------------------------------- datamodule
+class ShardDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over ``root`` (a shard directory with manifest.json).
+
+    Args:
+        root: dataset directory (``data_shards/<name>``).
+        targets: targets to load as padded blocks (``h``, ``s``, extras); must be in the
+            manifest's ``targets``.
+        max_edges: edge budget of one batch (per rank).
+        max_structures: optional cap on structures per batch.
+        steps_per_epoch: train batches per epoch on every rank (fixed: resampled streaming).
+        shuffle_buffer: samples held in the train shuffle buffer.
+        num_workers: DataLoader workers per rank.
+        seed: data-order seed (train order is a function of seed, epoch, rank, worker).
+        verify: check every shard's sha256 against the manifest before training.
+        splits: names of the train, val and test splits in the manifest.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        targets: Sequence[str] = (keys.H, keys.S),
+        max_edges: int = 4096,
+        max_structures: int | None = None,
+        steps_per_epoch: int = 100,
+        shuffle_buffer: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        verify: bool = True,
+        splits: Sequence[str] = ("train", "val", "test"),
+    ):
+        super().__init__()
+        from foundation.data.shards import read_manifest
+
+        self.root = Path(root)
+        if not (self.root / "manifest.json").is_file():
+            what = "does not exist" if not self.root.exists() else "has no manifest.json"
+            raise DataConfigError(
+                f"Shard directory {self.root} {what} (config key data.root). Build it from "
+                f"records with `foundation-data shard <records_dir> {self.root}` (see "
+                "`foundation-data shard --help`), or point data.root at an existing dataset."
+            )
+        if max_edges <= 0 or steps_per_epoch <= 0:
+            raise DataConfigError("data.max_edges and data.steps_per_epoch must be positive.")
+        self.manifest = read_manifest(self.root)
+        self.targets = tuple(targets)
+        missing = [
+            t for t in self.targets if t not in self.manifest.get("targets", [keys.H, keys.S])
+        ]
+        if missing:
+            raise DataConfigError(
+                f"{self.root}: target(s) {missing} are not in this dataset "
+                f"(it has {self.manifest.get('targets')}); fix data.targets."
+            )
+        self.split_names = dict(zip(("train", "val", "test"), splits, strict=True))
+        for split in self.split_names.values():
+            if split not in self.manifest["splits"]:
+                raise DataConfigError(
+                    f"{self.root}: no split {split!r} in manifest.json "
+                    f"(has {sorted(self.manifest['splits'])}); fix data.splits."
+                )
+        self.max_edges = int(max_edges)
+        self.max_structures = max_structures
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.verify = verify
+        self.basis = BasisSet.from_dict(self.manifest["basis"])
+        self._consumed = (0, 0)  # (epoch, batches of that epoch handed to the model)
+        self._resume: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def elements(self) -> list[str]:
+        return list(self.manifest.get("elements", self.basis.elements))
+
+    def use_basis(self, basis: BasisSet) -> None:
+        """Pad blocks in ``basis`` (the model's; a superset of the dataset's elements)."""
+        self.basis = basis
+
+    def shards(self, stage: str) -> list[str]:
+        from foundation.data.shards import shard_paths
+
+        return [str(p) for p in shard_paths(self.root, self.split_names[stage])]
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    # ------------------------------------------------------------------ lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        if self.verify and stage in (None, "fit"):
+            from foundation.data.shards import verify_dataset
+
+            verify_dataset(self.root)
+
+    def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:
+        return TrainStream(
+            self.shards("train"),
+            self.basis,
+            self.targets,
+            self.max_edges,
+            self.max_structures,
+            rank=rank,
+            world_size=world_size,
+            steps=self.steps_per_epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+        )
+
+    def eval_stream(self, stage: str, rank: int = 0, world_size: int = 1) -> EvalStream:
+        return EvalStream(
+            self.shards(stage),
+            self.basis,
+            self.targets,
+            self.max_edges,
+            self.max_structures,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "persistent_workers": False}
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._ranks()
+        return _TrainLoader(
+            self.train_stream(rank, world), self._epoch_start, **self._loader_kwargs()
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.eval_stream("val", *self._ranks()), batch_size=None, **self._loader_kwargs()
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.eval_stream("test", *self._ranks()), batch_size=None, **self._loader_kwargs()
+        )
+
+    def _epoch_start(self) -> tuple[int, int]:
+        """(epoch, batches to skip) for the train pass about to start."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                skip = self._resume[1]
+            self._resume = None
+        self._consumed = (epoch, skip)
+        return epoch, skip
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        position = batch.pop(BATCH_POSITION, None)
+        if position is not None:
+            self._consumed = (int(position[0]), int(position[1]) + 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._consumed[0], "consumed": self._consumed[1], "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            log.warning(
+                "Resuming with data seed %s but the checkpoint used %s: the data order differs.",
+                self.seed,
+                state["seed"],
+            )
+        self._resume = (int(state["epoch"]), int(state["consumed"]))

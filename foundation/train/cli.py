@@ -1,0 +1,161 @@
+"""``foundation-train``: the Hydra main over conf/ (see conf/train.yaml for the groups).
+
+Builds, from the composed config, the datamodule, the module (model + task), callbacks,
+loggers, strategy and trainer, then fits (and tests). Configuration mistakes — unknown keys,
+a missing shard directory, dataset elements outside the model's basis — stop the run before
+anything trains, with exit status 2 and a message that names the key or path and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def config_dir() -> str:
+    """conf/ of this source tree (editable install), or $FOUNDATION_CONF_DIR."""
+    env = os.environ.get("FOUNDATION_CONF_DIR")
+    if env:
+        return str(Path(env).resolve())
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "conf" / "train.yaml").is_file():
+            return str(parent / "conf")
+    return str(here.parents[2] / "conf")
+
+
+def check_dataset_fits_model(datamodule: Any, model: Any) -> None:
+    """The model must know every element of the dataset and reach its longest edges."""
+    from foundation.train.config import ConfigError
+
+    missing = [el for el in datamodule.elements if el not in model.elements]
+    if missing:
+        raise ConfigError(
+            f"Dataset {datamodule.root} has element(s) {', '.join(missing)} that the model's basis "
+            f"{model.basis.name!r} lacks (it has {', '.join(model.elements)}). Leave model.basis "
+            "unset to use the dataset's basis, or use a basis that covers these elements."
+        )
+    cutoff = datamodule.manifest.get("edge_cutoff_A")
+    if cutoff is not None and float(cutoff) > float(model.cutoff_A) + 1e-9:
+        raise ConfigError(
+            f"Dataset {datamodule.root} has edges up to {cutoff} Å but model.cutoff_A is "
+            f"{model.cutoff_A} Å (features vanish there); set model.cutoff_A={cutoff} or more."
+        )
+
+
+def _children_run_this_job() -> None:
+    """In a multirun, Lightning's local launcher would re-run the whole sweep in each child
+    process; make it re-run only this job, in this job's output directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+    with read_write(hc):
+        hc.run.dir = hc.runtime.output_dir
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """(trainer, module, datamodule) for a composed config; validates it first."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    from foundation.train.checkpoint import AtomicCheckpointIO, plain
+    from foundation.train.config import ConfigError, validate_config
+
+    validate_config(cfg)
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).exists():
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} does not exist; point it at a checkpoint (…/checkpoints/last.ckpt)."
+        )
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model_cfg = plain(cfg.model)
+    basis = model_cfg.pop("basis", None) or datamodule.manifest["basis"]
+    module = instantiate(
+        cfg.task,
+        model=model_cfg,
+        basis=basis,
+        run_config=plain(cfg),
+        _convert_="all",
+        _recursive_=False,
+    )
+    check_dataset_fits_model(datamodule, module.model)
+    datamodule.use_basis(module.model.basis)
+
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    strategy = instantiate(
+        cfg.strategy,
+        accelerator=cfg.trainer.accelerator,
+        gradient_clip_norm=cfg.task.grad_clip_norm,
+    )
+    plugins = [] if isinstance(strategy, DeepSpeedStrategy) else [AtomicCheckpointIO()]
+    trainer = instantiate(
+        cfg.trainer,
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=plugins,
+    )
+    return trainer, module, datamodule
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) as configured; returns the final logged metrics."""
+    trainer, module, datamodule = build(cfg)
+    if all(
+        os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    ):
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    _children_run_this_job()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.test:
+        for result in trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero):
+            metrics.update({k: float(v) for k, v in result.items()})
+    return metrics
+
+
+def user_error(exc: BaseException) -> Exception | None:
+    """The configuration or data error behind ``exc`` (Hydra wraps errors raised inside
+    ``instantiate``), or None for anything else."""
+    from foundation.data.datamodule import DataConfigError
+    from foundation.data.shards import ShardError
+    from foundation.train.config import ConfigError
+
+    while exc is not None:
+        if isinstance(exc, (ConfigError, DataConfigError, ShardError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        print(f"foundation-train: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get("val/mae_meV")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Block errors accumulated over an epoch: MAE overall, on-site / off-site, per element pair.
+
+Sums (not means) are kept per (element pair, on-site flag) so that ranks can add their
+tables (one all-reduce at epoch end) and every real matrix entry counts exactly once.
+Reported in meV for energy-like targets (H in eV) and in 10⁻³ for the dimensionless S.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from ase.data import chemical_symbols
+
+from foundation import keys
+
+# (unit label, factor from stored units); S is dimensionless, everything else eV-based.
+UNITS: dict[str, tuple[str, float]] = {keys.S: ("e-3", 1e3)}
+DEFAULT_UNIT = ("meV", 1e3)
+
+
+def unit(target: str) -> tuple[str, float]:
+    return UNITS.get(target, DEFAULT_UNIT)
+
+
+class BlockErrors:
+    """Σ|pred − target| and entry counts per target × unordered element pair × on-site flag.
+
+    ``elements``: the model's atomic numbers (index order of the pair table).
+    """
+
+    def __init__(self, elements: Sequence[int], targets: Sequence[str]):
+        self.elements = [int(z) for z in elements]
+        self.targets = list(targets)
+        lookup = torch.full((max(self.elements) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(self.elements)] = torch.arange(len(self.elements))
+        self._lookup = lookup
+        n = len(self.elements)
+        self._shape = (len(self.targets), n, n, 2)
+        self.abs_sum = torch.zeros(self._shape, dtype=torch.float64)
+        self.count = torch.zeros(self._shape, dtype=torch.float64)
+
+    def reset(self) -> None:
+        self.abs_sum.zero_()
+        self.count.zero_()
+
+    @torch.no_grad()
+    def update(
+        self, pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], weight: float = 1.0
+    ) -> None:
+        """Add one batch (``weight`` 0 for a padding batch that must not count)."""
+        if weight == 0:
+            return
+        mask = batch[keys.BLOCK_MASK]
+        numbers = batch[keys.NUMBERS]
+        src, dst = batch[keys.EDGE_INDEX]
+        lookup = self._lookup.to(numbers.device)
+        a, b = lookup[numbers[src]], lookup[numbers[dst]]
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        n = len(self.elements)
+        cell = (lo * n + hi) * 2 + batch[keys.ONSITE].long()  # flat index into (n, n, 2)
+        per_edge_count = mask.sum(dim=(1, 2)).double()
+        for t, name in enumerate(self.targets):
+            err = (pred[name].double() - batch[name].double()).abs() * mask
+            per_edge = err.sum(dim=(1, 2))
+            self.abs_sum[t].view(-1).index_add_(0, cell.cpu(), weight * per_edge.cpu())
+            self.count[t].view(-1).index_add_(0, cell.cpu(), weight * per_edge_count.cpu())
+
+    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the local tables by their sums over ranks (``reduce_sum`` is collective)."""
+        both = reduce_sum(torch.stack([self.abs_sum, self.count]))
+        self.abs_sum, self.count = both[0].cpu(), both[1].cpu()
+
+    def compute(self, per_pair: bool = True) -> dict[str, float]:
+        """Metric name → value: ``mae_<t>_<unit>``, ``…_onsite``/``…_offsite``, ``…_pair/<A>-<B>``."""
+        out: dict[str, float] = {}
+        for t, name in enumerate(self.targets):
+            label, factor = unit(name)
+            s, c = self.abs_sum[t], self.count[t]
+
+            def mae(s_: torch.Tensor, c_: torch.Tensor, factor: float = factor) -> float | None:
+                total = float(c_.sum())
+                return factor * float(s_.sum()) / total if total > 0 else None
+
+            for suffix, value in (
+                ("", mae(s, c)),
+                ("_onsite", mae(s[..., 1], c[..., 1])),
+                ("_offsite", mae(s[..., 0], c[..., 0])),
+            ):
+                if value is not None:
+                    out[f"mae_{name}{suffix}_{label}"] = value
+            if per_pair:
+                for i, zi in enumerate(self.elements):
+                    for j in range(i, len(self.elements)):
+                        value = mae(s[i, j], c[i, j])
+                        if value is not None:
+                            pair = f"{chemical_symbols[zi]}-{chemical_symbols[self.elements[j]]}"
+                            out[f"mae_{name}_pair/{pair}_{label}"] = value
+        return out
