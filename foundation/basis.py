@@ -265,7 +265,8 @@ class OrbitalConvention:
 
 SOURCE_CONVENTIONS: dict[str, OrbitalConvention] = {
     # PySCF/libcint real spherical GTOs: p is special-cased as (x, y, z); l ≥ 2 are already
-    # m = -l … l. Checked in tests/test_pyscf_generator.py by the rotated-copy test.
+    # m = -l … l (as DeePTB's PYSCF_orbital_number_m: p = m 1, -1, 0; d = -2 … 2).
+    # Checked in tests/test_pyscf_generator.py by the rotated-copy test.
     "pyscf": OrbitalConvention(
         name="pyscf",
         perm={1: (1, 2, 0)},
@@ -273,22 +274,34 @@ SOURCE_CONVENTIONS: dict[str, OrbitalConvention] = {
         reference="libcint real solid harmonics (PySCF docs: 'AO ordering'); p = px, py, pz",
     ),
     # OpenMX orders p as (x, y, z), d as (3z²-r², x²-y², xy, xz, yz) and f as
-    # (z³, xz², yz², z(x²-y²), xyz, x(x²-3y²), y(3x²-y²)). These are the tables DeepH-pack
-    # applies to legacy DeepH folders (deeph/rotate.py, 'openmx' → 'wiki').
+    # (z³, xz², yz², z(x²-y²), xyz, x(x²-3y²), y(3x²-y²)). Verified: identical to DeepH-pack's
+    # Us_openmx2wiki (deeph/rotate.py) and DeePTB's OPENMX2DeePTB (dptb/utils/constants.py).
     "openmx": OrbitalConvention(
         name="openmx",
         perm={1: (1, 2, 0), 2: (2, 4, 0, 3, 1), 3: (6, 4, 2, 0, 1, 3, 5)},
         sign={},
         reference="OpenMX manual, orbital order of the Hamiltonian output; DeepH-pack rotate.py",
     ),
-    # ABACUS orders each l as m = 0, +1, -1, +2, -2, … and carries a Condon–Shortley-like
-    # minus sign on some components; DeePTB (dptb/data/interfaces/abacus.py) converts with
-    # these permutations and signs.
+    # ABACUS orders each l as m = 0, +1, -1, +2, -2, … and carries the Condon–Shortley phase
+    # (-1)^m. Verified: DeePTB's ABACUS2DeePTB (dptb/utils/constants.py) is exactly these
+    # permutations with rows (-1)^m negated, and DeepH-pack's Us_abacus2deeph
+    # (deeph/preprocess/abacus_get_data.py) composed with Us_openmx2wiki gives the same table.
     "abacus": OrbitalConvention(
         name="abacus",
         perm={1: (2, 0, 1), 2: (4, 2, 0, 1, 3), 3: (6, 4, 2, 0, 1, 3, 5)},
         sign={1: (-1, 1, -1), 2: (1, -1, 1, -1, 1), 3: (-1, 1, -1, 1, -1, 1, -1)},
-        reference="ABACUS numerical-orbital order m = 0, 1, -1, 2, -2, …; DeePTB abacus.py",
+        reference="ABACUS numerical-orbital order m = 0, 1, -1, 2, -2, … with (-1)^m; "
+        "DeePTB dptb/utils/constants.py ABACUS2DeePTB",
+    ),
+    # DeePTB's own block order (what its preprocessed hamiltonians.h5 / overlaps.h5 hold after
+    # dptb/data/interfaces/abacus.py applied ABACUS2DeePTB): m = -l … l, no (-1)^m phase,
+    # p = (py, pz, px), d = (dxy, dyz, dz2, dxz, dx2-y2) (DeePTB_orbital_number_m,
+    # Orbital_Order_SK in dptb/utils/constants.py) — the package order.
+    "deeptb": OrbitalConvention(
+        name="deeptb",
+        perm={},
+        sign={},
+        reference="DeePTB dptb/utils/constants.py DeePTB_orbital_number_m (m = -l … l)",
     ),
     "package": OrbitalConvention(
         name="package", perm={}, sign={}, reference="this package (DESIGN.md §3)"

@@ -1,0 +1,249 @@
+"""Webdataset shards: round trip, checksums, refused members, corrupt shards, split policy."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from foundation.data.shards import (
+    ShardError,
+    assign_split,
+    decode_sample,
+    iter_records,
+    load_records,
+    read_manifest,
+    record_pipeline,
+    reduced_formula,
+    shard_paths,
+    split_pipeline,
+    verify_dataset,
+    write_shards,
+)
+from foundation.data.synthetic import random_dataset, random_record
+
+
+@pytest.fixture(scope="module")
+def records():
+    recs = random_dataset(24, seed=7, elements=("C", "O", "Si", "Ga", "As"))
+    recs[0].extras["h_hse"] = (recs[0].h * 1.1).astype(np.float32)
+    return recs
+
+
+@pytest.fixture
+def dataset(tmp_path, records):
+    write_shards(records, tmp_path / "ds", name="unit", samples_per_shard=5, seed=1)
+    return tmp_path / "ds"
+
+
+def _same(a, b):
+    assert a.key == b.key
+    for name in ("numbers", "positions", "cell", "pbc", "edges", "h", "s"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and np.array_equal(x, y), name
+    assert a.basis == b.basis and a.meta == b.meta
+    assert a.extras.keys() == b.extras.keys()
+    for k in a.extras:
+        assert np.array_equal(a.extras[k], b.extras[k])
+
+
+def test_round_trip_is_identical(dataset, records):
+    manifest = read_manifest(dataset)
+    back = {r.key: r for r in load_records(dataset)}
+    assert set(back) == {r.key for r in records}
+    for r in records:
+        _same(r, back[r.key])
+    counts = {s: len(load_records(dataset, s)) for s in ("train", "val", "test")}
+    assert counts == {s: manifest["splits"][s]["n_samples"] for s in counts}
+    assert sum(counts.values()) == manifest["n_samples"] == len(records)
+    assert manifest["targets"] == ["h", "h_hse", "s"]
+    assert manifest["units"] == {"length": "Angstrom", "energy": "eV"}
+    assert manifest["elements"] == ["C", "O", "Si", "Ga", "As"]
+    assert sum(e["n_edges"] for e in manifest["splits"]["train"]["shards"]) == sum(
+        r.n_edges for r in load_records(dataset, "train")
+    )
+    names = {p.name for p in (dataset / "train").iterdir()}
+    assert all(n.startswith("shard-") and n.endswith(".tar") for n in names)  # no temp files
+
+
+def test_members_are_json_and_npy_only_and_shards_are_reproducible(tmp_path, dataset, records):
+    with tarfile.open(shard_paths(dataset, "train")[0]) as tf:
+        names = tf.getnames()
+    key = names[0].split(".")[0]
+    assert {n[len(key) + 1 :] for n in names if n.startswith(key + ".")} >= {
+        "structure.json",
+        "edges.npy",
+        "h.npy",
+        "s.npy",
+    }
+    assert all(n.endswith((".json", ".npy")) for n in names)
+    again = write_shards(records, tmp_path / "again", name="unit", samples_per_shard=5, seed=1)
+    first = read_manifest(dataset)
+    assert [e["sha256"] for e in again["splits"]["train"]["shards"]] == [
+        e["sha256"] for e in first["splits"]["train"]["shards"]
+    ]
+
+
+def test_rewrite_removes_stale_shards(tmp_path, records):
+    out = tmp_path / "ds"
+    write_shards(records, out, name="unit", samples_per_shard=2)
+    n_before = len(list((out / "train").glob("*.tar")))
+    m = write_shards(records, out, name="unit", samples_per_shard=50)
+    assert len(list((out / "train").glob("*.tar"))) == 1 < n_before
+    assert len(load_records(out)) == m["n_samples"]
+
+
+def test_failed_rewrite_leaves_the_old_dataset_intact(dataset, records):
+    def broken():
+        yield from records[:12]
+        raise RuntimeError("DFT crashed")
+
+    with pytest.raises(RuntimeError, match="DFT crashed"):
+        write_shards(broken(), dataset, name="unit", samples_per_shard=2, seed=1)
+    verify_dataset(dataset)
+    assert len(load_records(dataset)) == len(records)
+    assert not [p for p in dataset.rglob("*") if p.name.startswith(".")]
+
+
+def test_checksum_mismatch_is_detected_and_named(dataset):
+    path = shard_paths(dataset, "train")[1]
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF  # same size, one flipped byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        ShardError, match=rf"{path}: sha256 .* does not match the manifest.*foundation-data shard"
+    ):
+        verify_dataset(dataset)
+    with pytest.raises(ShardError, match=str(path)):
+        list(iter_records(dataset, "train"))
+
+
+def test_missing_shard_and_manifest_are_named(dataset):
+    path = shard_paths(dataset, "val")[0]
+    path.unlink()
+    with pytest.raises(ShardError, match=rf"{path}: shard listed in the manifest is missing"):
+        verify_dataset(dataset)
+    (dataset / "manifest.json").unlink()
+    with pytest.raises(ShardError, match="manifest.json: missing"):
+        read_manifest(dataset)
+
+
+def test_truncated_shard_is_named_with_last_key(dataset):
+    path = shard_paths(dataset, "train")[0]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardError, match=rf"{path}: corrupt or truncated shard .* after sample '"):
+        list(iter_records(dataset, "train", verify=False))
+    with pytest.raises(ShardError, match=rf"{path}: sha256"):
+        list(iter_records(dataset, "train"))
+
+
+def _append_member_and_rehash(dataset, path, name, payload):
+    """Add a member to a shard and fix its manifest checksum (a 'valid' but hostile shard)."""
+    buf = io.BytesIO()
+    with tarfile.open(path) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        dst.addfile(info, io.BytesIO(payload))
+    path.write_bytes(buf.getvalue())
+    import hashlib
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    for e in manifest["splits"]["train"]["shards"]:
+        if dataset / e["file"] == path:
+            e["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("member", ["evil.pickle", "evil.payload.pyd", "evil.structure.json.pkl"])
+def test_non_json_npy_member_is_refused_by_name(dataset, member):
+    import pickle
+
+    path = shard_paths(dataset, "train")[0]
+    _append_member_and_rehash(dataset, path, member, pickle.dumps({"x": 1}))
+    verify_dataset(dataset)  # checksums agree: the refusal comes from the member type
+    with pytest.raises(ShardError, match=rf"{path}: sample 'evil': member '{member}' is refused"):
+        list(iter_records(dataset, "train"))
+
+
+def test_pickled_npy_is_refused(dataset, records):
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    sample = {"__key__": records[0].key, **records[0].to_files(), "h.npy": buf.getvalue()}
+    with pytest.raises(ShardError, match=r"shard-x.tar: sample .*allow_pickle=False"):
+        decode_sample(sample, "ds/train/shard-x.tar")
+
+
+def test_wrong_array_size_is_named(records):
+    files = records[1].to_files()
+    buf = io.BytesIO()
+    np.save(buf, records[1].h[:-3])
+    sample = {"__key__": records[1].key, **files, "h.npy": buf.getvalue()}
+    with pytest.raises(ShardError, match=rf"sample '{records[1].key}': 'h.npy' holds"):
+        decode_sample(sample, "ds/train/shard-000000.tar")
+
+
+def test_split_is_deterministic_and_held_out_compositions_go_to_test(tmp_path):
+    recs = random_dataset(60, seed=11, elements=("Ga", "As", "Si", "O"))
+    recs += [random_record(f"gaas-{k}", ["Ga", "As"] * (1 + k % 2), seed=k) for k in range(4)]
+    held = {r.key for r in recs if reduced_formula(r.numbers) in ("GaAs", "SiO2")}
+    assert len(held) >= 4
+
+    def splits(seed):
+        m = write_shards(
+            recs,
+            tmp_path / f"s{seed}",
+            name="x",
+            seed=seed,
+            val_fraction=0.2,
+            test_fraction=0.2,
+            test_compositions=["AsGa", "SiO2"],
+        )
+        return {
+            r.key: s
+            for s in ("train", "val", "test")
+            for r in load_records(tmp_path / f"s{seed}", s)
+        }, m
+
+    a, manifest = splits(0)
+    b, _ = splits(0)
+    c, _ = splits(1)
+    assert a == b
+    assert a != c
+    assert all(a[k] == "test" and c[k] == "test" for k in held)
+    free = [k for k in a if k not in held]
+    assert {a[k] for k in free} == {"train", "val", "test"}
+    assert manifest["split_policy"]["test_compositions"] == ["AsGa", "SiO2"]
+    assert sum(manifest["split_policy"]["held_out_counts"].values()) == len(held)
+    for r in recs:
+        assert (
+            assign_split(
+                r, seed=0, val_fraction=0.2, test_fraction=0.2, test_compositions=["GaAs", "SiO2"]
+            )
+            == a[r.key]
+        )
+
+
+def test_bad_keys_and_duplicates_are_refused(tmp_path):
+    rec = random_record("bad.key", ["Si", "O"], seed=0)
+    with pytest.raises(ValueError, match=r"'bad.key' cannot name a shard sample.*'bad_key'"):
+        write_shards([rec], tmp_path / "x", name="x")
+    rec = random_record("dup", ["Si", "O"], seed=0)
+    with pytest.raises(ValueError, match="Duplicate record key 'dup'"):
+        write_shards([rec, rec], tmp_path / "y", name="y")
+    assert not list((tmp_path / "y").rglob("*.tar*"))  # nothing half-written is left
+
+
+def test_pipeline_splits_shards_over_dataloader_workers(dataset, records):
+    urls = sum((shard_paths(dataset, s) for s in ("train", "val", "test")), [])
+    loader = torch.utils.data.DataLoader(
+        record_pipeline(urls, shuffle=8, seed=3), batch_size=None, num_workers=2
+    )
+    keys = [r.key for r in loader]
+    assert sorted(keys) == sorted(r.key for r in records)
+    resampled = split_pipeline(dataset, "train", resampled=True, epoch_length=30)
+    assert len([r.key for r in resampled]) == 30
