@@ -16,7 +16,8 @@ H_ij → D_i(Q) H_ij D_j(Q)ᵀ with D_i the block-diagonal matrix of atom i's sh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -26,6 +27,22 @@ E3NN_FROM_XYZ = (1, 2, 0)
 """Column order that turns Cartesian (x, y, z) into e3nn's frame (y, z, x)."""
 
 _P = np.eye(3)[list(E3NN_FROM_XYZ)]
+
+
+@contextmanager
+def double_precision() -> Iterator[None]:
+    """Temporarily make float64 torch's default dtype.
+
+    e3nn computes its Wigner-D generators, Clebsch–Gordan coefficients and harmonics
+    constants in the default dtype: build models and D matrices inside this context to get
+    them to float64 precision (``.double()`` afterwards only casts float32-accurate numbers).
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def to_e3nn_frame(vectors: torch.Tensor) -> torch.Tensor:
@@ -47,7 +64,8 @@ def shell_D(l: int, q: np.ndarray | torch.Tensor) -> torch.Tensor:
     Q (det −1) includes the orbital parity (−1)^l.
     """
     q = torch.as_tensor(q, dtype=torch.float64)
-    return o3.Irrep(l, (-1) ** l).D_from_matrix(e3nn_frame_matrix(q))
+    with double_precision():
+        return o3.Irrep(l, (-1) ** l).D_from_matrix(e3nn_frame_matrix(q))
 
 
 def shells_D(shells: Sequence[int], q: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -68,6 +86,7 @@ def random_rotation(seed: int, improper: bool = False) -> np.ndarray:
 
 __all__ = [
     "E3NN_FROM_XYZ",
+    "double_precision",
     "to_e3nn_frame",
     "e3nn_frame_matrix",
     "shell_D",

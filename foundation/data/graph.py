@@ -67,11 +67,73 @@ def neighbor_edges(
     return edges[order]
 
 
-def _species_index(universal: UniversalBasis, numbers: np.ndarray, key: str) -> list[np.ndarray]:
-    try:
-        return [universal.orbital_index(int(z)) for z in numbers]
-    except KeyError as exc:
-        raise RecordError(f"{key}: {exc.args[0]}") from None
+def reverse_edge_index(edges: np.ndarray, key: str = "structure") -> np.ndarray:
+    """(E,) index of edge (j, i, −R) for every edge (i, j, R); raises naming a missing one."""
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 5)
+    flipped = np.concatenate([edges[:, [1, 0]], -edges[:, 2:5]], axis=1)
+    _, ids = np.unique(np.concatenate([edges, flipped]), axis=0, return_inverse=True)
+    ids = ids.reshape(-1)
+    position = np.full(ids.max() + 1, -1, dtype=np.int64)
+    position[ids[: len(edges)]] = np.arange(len(edges))
+    reverse = position[ids[len(edges) :]]
+    if (reverse < 0).any():
+        k = int(np.flatnonzero(reverse < 0)[0])
+        raise RecordError(
+            f"{key}: edge {k} {edges[k].tolist()} has no reverse edge {flipped[k].tolist()}; "
+            "graphs must hold both directions of every pair."
+        )
+    return reverse
+
+
+def _structure_graph(
+    key: str,
+    numbers: np.ndarray,
+    positions: np.ndarray,
+    cell: np.ndarray,
+    edges: np.ndarray,
+    universal: UniversalBasis,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 5)
+    src, dst, shift = edges[:, 0], edges[:, 1], edges[:, 2:5]
+    for z in np.unique(numbers):
+        try:
+            universal.orbital_index(int(z))
+        except KeyError as exc:
+            raise RecordError(f"{key}: {exc.args[0]}") from None
+    masks = universal.mask_table()[numbers]  # (N, n_uni)
+    return {
+        keys.NUMBERS: torch.as_tensor(numbers, dtype=torch.long),
+        keys.POSITIONS: torch.as_tensor(np.asarray(positions).reshape(-1, 3), dtype=dtype),
+        keys.CELL: torch.as_tensor(np.asarray(cell), dtype=dtype).reshape(1, 3, 3),
+        keys.EDGE_INDEX: torch.as_tensor(np.stack([src, dst]), dtype=torch.long),
+        keys.EDGE_SHIFT: torch.as_tensor(shift, dtype=torch.long),
+        keys.EDGE_REVERSE: torch.as_tensor(reverse_edge_index(edges, key), dtype=torch.long),
+        keys.ONSITE: torch.as_tensor((src == dst) & ~shift.any(axis=1)),
+        keys.BLOCK_MASK: torch.as_tensor(masks[src][:, :, None] & masks[dst][:, None, :]),
+        keys.N_ATOMS: torch.tensor([len(numbers)], dtype=torch.long),
+        keys.N_EDGES: torch.tensor([len(edges)], dtype=torch.long),
+    }
+
+
+def structure_to_graph(
+    numbers: np.ndarray,
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: Sequence[bool],
+    universal: UniversalBasis,
+    cutoff_A: float,
+    dtype: torch.dtype = torch.float32,
+    key: str = "structure",
+) -> dict[str, torch.Tensor]:
+    """A bare structure (no targets) → graph on `neighbor_edges`, e.g. for prediction.
+
+    Same keys as `record_to_graph` minus the targets; edges (i, j, R) are those of
+    ``neighbor_edges(numbers, positions, cell, pbc, cutoff_A)`` in that order.
+    """
+    edges = neighbor_edges(numbers, positions, cell, pbc, cutoff_A)
+    return _structure_graph(key, numbers, positions, cell, edges, universal, dtype)
 
 
 def record_to_graph(
@@ -85,36 +147,22 @@ def record_to_graph(
     Holds NUMBERS (N,) long, POSITIONS (N, 3), CELL (1, 3, 3), EDGE_INDEX (2, E) long,
     EDGE_SHIFT (E, 3) long, EDGE_REVERSE (E,) long, ONSITE (E,) bool, BLOCK_MASK
     (E, n_uni, n_uni) bool, each target (E, n_uni, n_uni) zero-padded, N_ATOMS and N_EDGES
-    (1,) long. Floating tensors have ``dtype``.
+    (1,) long. Floating tensors have ``dtype``. Edges are the record's, in its order.
     """
-    numbers = record.numbers
-    edges = record.edges.astype(np.int64)
-    src, dst, shift = edges[:, 0], edges[:, 1], edges[:, 2:5]
-    n_uni = universal.n_orb
-    index = _species_index(universal, numbers, record.key)
-    masks = universal.mask_table()[numbers]  # (N, n_uni); every element checked just above
-
-    graph: dict[str, torch.Tensor] = {
-        keys.NUMBERS: torch.as_tensor(numbers, dtype=torch.long),
-        keys.POSITIONS: torch.as_tensor(record.positions, dtype=dtype),
-        keys.CELL: torch.as_tensor(record.cell, dtype=dtype).reshape(1, 3, 3),
-        keys.EDGE_INDEX: torch.as_tensor(np.stack([src, dst]), dtype=torch.long),
-        keys.EDGE_SHIFT: torch.as_tensor(shift, dtype=torch.long),
-        keys.EDGE_REVERSE: torch.as_tensor(record.reverse_edge_index(), dtype=torch.long),
-        keys.ONSITE: torch.as_tensor((src == dst) & ~shift.any(axis=1)),
-        keys.BLOCK_MASK: torch.as_tensor(masks[src][:, :, None] & masks[dst][:, None, :]),
-        keys.N_ATOMS: torch.tensor([record.n_atoms], dtype=torch.long),
-        keys.N_EDGES: torch.tensor([record.n_edges], dtype=torch.long),
-    }
-
+    graph = _structure_graph(
+        record.key, record.numbers, record.positions, record.cell, record.edges, universal, dtype
+    )
+    numbers, src, dst = record.numbers, record.edges[:, 0], record.edges[:, 1]
+    index = {int(z): universal.orbital_index(int(z)) for z in np.unique(numbers)}
     # Place each target's blocks into the padded basis, one species pair at a time.
     z_pairs = np.stack([numbers[src], numbers[dst]], axis=1)
     groups = [np.flatnonzero((z_pairs == p).all(axis=1)) for p in np.unique(z_pairs, axis=0)]
+    n_uni = universal.n_orb
     for name in targets:
         blocks = record.blocks(name)  # raises a RecordError naming the record if absent
         padded = np.zeros((record.n_edges, n_uni, n_uni), dtype=np.float64)
         for sel in groups:
-            ii, jj = index[src[sel[0]]], index[dst[sel[0]]]
+            ii, jj = index[numbers[src[sel[0]]]], index[numbers[dst[sel[0]]]]
             padded[sel[:, None, None], ii[None, :, None], jj[None, None, :]] = np.stack(
                 [blocks[e] for e in sel]
             )
@@ -190,4 +238,11 @@ def blocks_from_padded(
     ]
 
 
-__all__ = ["neighbor_edges", "record_to_graph", "collate_graphs", "blocks_from_padded"]
+__all__ = [
+    "blocks_from_padded",
+    "collate_graphs",
+    "neighbor_edges",
+    "record_to_graph",
+    "reverse_edge_index",
+    "structure_to_graph",
+]

@@ -97,6 +97,12 @@ def onsite_flags(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (src == dst) & (batch[keys.EDGE_SHIFT] == 0).all(dim=1)
 
 
+def linear(irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str) -> o3.Linear:
+    """e3nn Linear without einsum-path optimisation: for a Linear (one small matmul per irrep)
+    opt_einsum_fx gains nothing at run time but costs about a second of build per layer."""
+    return o3.Linear(irreps_in, irreps_out, _optimize_einsums=False)
+
+
 # ----------------------------------------------------------------------------- convolutions
 class Convolution(nn.Module):
     """Interface: per-edge features (E', irreps_in) + geometry → (E', irreps_out).
@@ -128,6 +134,7 @@ class TensorProductConvolution(Convolution):
         num_radial: int,
         radial_hidden: int = 64,
         radial_layers: int = 2,
+        optimize_einsums: bool = True,
     ):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
@@ -151,12 +158,13 @@ class TensorProductConvolution(Convolution):
             instructions,
             shared_weights=False,
             internal_weights=False,
+            _optimize_einsums=optimize_einsums,
         )
         self.radial = enn.FullyConnectedNet(
             [num_radial] + [radial_hidden] * radial_layers + [self.tp.weight_numel],
             torch.nn.functional.silu,
         )
-        self.linear = o3.Linear(irreps_sorted, self.irreps_out)
+        self.linear = linear(irreps_sorted, self.irreps_out)
 
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
         return self.linear(self.tp(x, geometry.sh, self.radial(geometry.radial)))
@@ -194,7 +202,7 @@ class GatedLinear(nn.Module):
             [torch.sigmoid] if gated.num_irreps else [],
             gated,
         )
-        self.linear = o3.Linear(self.irreps_in, self.gate.irreps_in)
+        self.linear = linear(self.irreps_in, self.gate.irreps_in)
         if self.gate.irreps_out != self.irreps_out:
             raise ValueError(
                 f"irreps {self.irreps_out} must be sorted and simplified for the gate "
@@ -223,6 +231,7 @@ class InteractionLayer(nn.Module):
         radial_hidden: int = 64,
         radial_layers: int = 2,
         avg_num_neighbors: float = 20.0,
+        optimize_einsums: bool = True,
     ):
         super().__init__()
         self.irreps_node = o3.Irreps(irreps_node)
@@ -233,18 +242,19 @@ class InteractionLayer(nn.Module):
             num_radial=num_radial,
             radial_hidden=radial_hidden,
             radial_layers=radial_layers,
+            optimize_einsums=optimize_einsums,
         )
         node, edge = self.irreps_node, self.irreps_edge
         # node update
-        self.msg_src = o3.Linear(node, node)
-        self.msg_edge = o3.Linear(edge, node)
+        self.msg_src = linear(node, node)
+        self.msg_edge = linear(edge, node)
         self.msg_conv = make_convolution(conv, irreps_in=node, irreps_out=node, **conv_kwargs)
-        self.node_self = o3.Linear(node, node)
+        self.node_self = linear(node, node)
         self.node_update = GatedLinear(node, node)
         # edge update
-        self.edge_src = o3.Linear(node, edge)
-        self.edge_dst = o3.Linear(node, edge)
-        self.edge_self = o3.Linear(edge, edge)
+        self.edge_src = linear(node, edge)
+        self.edge_dst = linear(node, edge)
+        self.edge_self = linear(edge, edge)
         self.edge_conv = make_convolution(conv, irreps_in=edge, irreps_out=edge, **conv_kwargs)
         self.edge_update = GatedLinear(edge, edge)
 
@@ -277,6 +287,8 @@ class Backbone(nn.Module):
 
     irreps_in: atomic numbers (species of ``elements``) and edge vectors;
     irreps_out: node features ``irreps_node`` and edge features ``irreps_edge``.
+    ``optimize_einsums`` lets e3nn optimise the tensor products' contraction paths: faster
+    forward passes for a build that takes seconds longer (tests switch it off).
     """
 
     def __init__(
@@ -293,6 +305,7 @@ class Backbone(nn.Module):
         envelope_p: int = 6,
         avg_num_neighbors: float = 20.0,
         conv: str = "tensor_product",
+        optimize_einsums: bool = True,
     ):
         super().__init__()
         self.elements = [int(z) for z in elements]
@@ -305,7 +318,7 @@ class Backbone(nn.Module):
         self.register_buffer("species_index", species, persistent=False)
         self.irreps_species = o3.Irreps(f"{len(self.elements)}x0e")
 
-        self.embedding = o3.Linear(self.irreps_species, self.irreps_node)
+        self.embedding = linear(self.irreps_species, self.irreps_node)
         self.radial_basis = RadialBasis(cutoff_A, num_radial, envelope_p)
         self.spherical_harmonics = o3.SphericalHarmonics(
             self.irreps_sh, normalize=True, normalization="component"
@@ -315,9 +328,10 @@ class Backbone(nn.Module):
             num_radial=num_radial,
             radial_hidden=radial_hidden,
             radial_layers=radial_layers,
+            optimize_einsums=optimize_einsums,
         )
-        self.edge_embedding_src = o3.Linear(self.irreps_node, self.irreps_node)
-        self.edge_embedding_dst = o3.Linear(self.irreps_node, self.irreps_node)
+        self.edge_embedding_src = linear(self.irreps_node, self.irreps_node)
+        self.edge_embedding_dst = linear(self.irreps_node, self.irreps_node)
         self.edge_embedding = make_convolution(
             conv, irreps_in=self.irreps_node, irreps_out=self.irreps_edge, **conv_kwargs
         )
@@ -331,6 +345,7 @@ class Backbone(nn.Module):
                 radial_hidden=radial_hidden,
                 radial_layers=radial_layers,
                 avg_num_neighbors=avg_num_neighbors,
+                optimize_einsums=optimize_einsums,
             )
             for _ in range(num_layers)
         )

@@ -24,6 +24,7 @@ from e3nn import o3
 from torch import nn
 
 from foundation.basis import UniversalBasis
+from foundation.rotations import double_precision
 
 
 def pair_irreps(l1: int, l2: int) -> o3.Irreps:
@@ -55,7 +56,8 @@ class BlockIrreps(nn.Module):
                 flat = (rows[:, None] * n + cols[None, :]).reshape(-1)
                 for mul_ir in pair_irreps(l1, l2):
                     l = mul_ir.ir.l
-                    c = o3.wigner_3j(l1, l2, l, dtype=torch.float64).numpy()
+                    with double_precision():
+                        c = o3.wigner_3j(l1, l2, l, dtype=torch.float64).numpy()
                     c = math.sqrt(2 * l + 1) * c.reshape(-1, 2 * l + 1).T  # orthonormal rows
                     u = np.zeros((2 * l + 1, n * n))
                     u[:, flat] = c

@@ -22,7 +22,7 @@ from torch import nn
 
 from foundation import keys
 from foundation.basis import UniversalBasis
-from foundation.model.backbone import BackboneOutput
+from foundation.model.backbone import BackboneOutput, linear
 from foundation.model.blocks import BlockIrreps
 
 
@@ -33,7 +33,7 @@ def _check_covers(irreps_in: o3.Irreps, needed: o3.Irreps, what: str) -> None:
         raise ValueError(
             f"{what} irreps {irreps_in} lack {', '.join(map(str, missing))}, which the orbital "
             f"blocks of the basis need (l up to 2·l_max of the basis, both parities); add them "
-            f"to node_irreps/edge_irreps in the model config."
+            f"to irreps_node/irreps_edge in the model config."
         )
 
 
@@ -60,8 +60,8 @@ class BlockHead(nn.Module):
         self.irreps_out = self.blocks.irreps
         _check_covers(self.irreps_node, self.irreps_out, "Node")
         _check_covers(self.irreps_edge, self.irreps_out, "Edge")
-        self.onsite = o3.Linear(self.irreps_node, self.irreps_out)
-        self.offsite = o3.Linear(self.irreps_edge, self.irreps_out)
+        self.onsite = linear(self.irreps_node, self.irreps_out)
+        self.offsite = linear(self.irreps_edge, self.irreps_out)
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, features: BackboneOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:

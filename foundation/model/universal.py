@@ -22,7 +22,7 @@ from torch import nn
 
 from foundation import keys
 from foundation.basis import BasisSet
-from foundation.model.backbone import Backbone, BackboneOutput
+from foundation.model.backbone import CONVOLUTIONS, Backbone, BackboneOutput
 from foundation.model.heads import HEADS
 
 
@@ -91,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "envelope_p": 6,
     "avg_num_neighbors": 20.0,
     "conv": "tensor_product",
+    "optimize_einsums": True,
     "heads": {keys.H: {"type": "block", "scale": 1.0}, keys.S: {"type": "block", "scale": 1.0}},
 }
 """Every key a model config may hold (plus ``_target_`` and ``basis``), with defaults."""
@@ -126,6 +127,10 @@ def resolve_config(cfg: Mapping[str, Any] | None = None, **overrides: Any) -> di
         if key not in DEFAULTS and key not in _IGNORED:
             raise ValueError(f"Unknown model config key {key!r}{_closest(key, list(DEFAULTS))}.")
     resolved = copy.deepcopy(DEFAULTS) | {k: v for k, v in merged.items() if k not in _IGNORED}
+    if resolved["conv"] not in CONVOLUTIONS:
+        raise ValueError(
+            f"Unknown convolution {resolved['conv']!r}; known: {', '.join(CONVOLUTIONS)}."
+        )
     for name, spec in resolved["heads"].items():
         head_type = spec.get("type", "block")
         if head_type not in HEADS:
@@ -165,6 +170,12 @@ def build_model(
         basis = BasisSet.from_dict(basis)
     config = resolve_config(cfg, **overrides)
     irreps_edge = config["irreps_edge"] or config["irreps_node"]
+    heads = {  # first: they check that the irreps can express every block of the basis
+        name: HEADS[spec.get("type", "block")](
+            config["irreps_node"], irreps_edge, basis.universal, scale=spec.get("scale", 1.0)
+        )
+        for name, spec in config["heads"].items()
+    }
     backbone = Backbone(
         elements=basis.atomic_numbers,
         cutoff_A=config["cutoff_A"],
@@ -178,16 +189,8 @@ def build_model(
         envelope_p=config["envelope_p"],
         avg_num_neighbors=config["avg_num_neighbors"],
         conv=config["conv"],
+        optimize_einsums=config["optimize_einsums"],
     )
-    heads = {
-        name: HEADS[spec.get("type", "block")](
-            backbone.irreps_node,
-            backbone.irreps_edge,
-            basis.universal,
-            scale=spec.get("scale", 1.0),
-        )
-        for name, spec in config["heads"].items()
-    }
     return UniversalHamiltonianModel(
         basis, backbone, heads, config=config | {"basis": basis.to_dict()}
     )
