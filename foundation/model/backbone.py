@@ -119,11 +119,14 @@ class Convolution(nn.Module):
 
 
 class TensorProductConvolution(Convolution):
-    """Reference convolution: x ⊗ Y(r̂) with per-edge weights from a radial MLP ('uvu').
+    """Reference convolution: the 'uvu' tensor product x ⊗ Y(r̂) with radial-MLP weights.
 
     Every path (l_in ⊗ l_sh → l_out) whose output type occurs in irreps_out gets one weight
-    per channel, computed by a bias-free MLP of the radial features; a linear layer then
-    mixes the paths into irreps_out.
+    per channel u, from a bias-free MLP of the radial features:
+    out_path[u] = w_path,u(r) · (x_u ⊗ Y)_path; a linear layer then mixes the paths into
+    irreps_out. The weights multiply the unweighted e3nn product afterwards (the same
+    function as passing them into the product) so that backward does not slice the
+    (E, n_weights) tensor once per path, which costs O(paths × E × n_weights).
     """
 
     def __init__(
@@ -146,28 +149,31 @@ class TensorProductConvolution(Convolution):
             for i2, (_, ir2) in enumerate(self.irreps_sh):
                 for ir in ir1 * ir2:
                     if ir in wanted:
-                        instructions.append((i1, i2, len(mid), "uvu", True))
+                        instructions.append((i1, i2, len(mid), "uvu", False))
                         mid.append((mul, ir))
-        irreps_mid = o3.Irreps(mid)
-        irreps_sorted, perm, _ = irreps_mid.sort()
-        instructions = [(a, b, perm[c], mode, w) for a, b, c, mode, w in instructions]
+        irreps_mid, perm, _ = o3.Irreps(mid).sort()
+        self.irreps_mid = irreps_mid
         self.tp = o3.TensorProduct(
             self.irreps_in,
             self.irreps_sh,
-            irreps_sorted,
-            instructions,
-            shared_weights=False,
-            internal_weights=False,
+            irreps_mid,
+            [(a, b, perm[c], mode, w) for a, b, c, mode, w in instructions],
             _optimize_einsums=optimize_einsums,
         )
+        # weight k (one per path and channel) multiplies the 2l+1 components of its copy
+        copy_of_component = torch.arange(irreps_mid.num_irreps).repeat_interleave(
+            torch.tensor([ir.dim for mul, ir in irreps_mid for _ in range(mul)])
+        )
+        self.register_buffer("copy_of_component", copy_of_component, persistent=False)
         self.radial = enn.FullyConnectedNet(
-            [num_radial] + [radial_hidden] * radial_layers + [self.tp.weight_numel],
+            [num_radial] + [radial_hidden] * radial_layers + [irreps_mid.num_irreps],
             torch.nn.functional.silu,
         )
-        self.linear = linear(irreps_sorted, self.irreps_out)
+        self.linear = linear(irreps_mid, self.irreps_out)
 
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
-        return self.linear(self.tp(x, geometry.sh, self.radial(geometry.radial)))
+        weights = self.radial(geometry.radial)[:, self.copy_of_component]
+        return self.linear(self.tp(x, geometry.sh) * weights)
 
 
 CONVOLUTIONS: dict[str, type[Convolution]] = {"tensor_product": TensorProductConvolution}
