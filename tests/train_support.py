@@ -21,14 +21,23 @@ MICRO_MODEL = [
 ]
 
 
-def make_dataset(path: Path, n: int = 40, seed: int = 1) -> Path:
-    """Synthetic shards (random but valid H/S records) with train/val/test splits."""
+def make_dataset(path: Path, n: int = 40, distinct: int = 5) -> Path:
+    """Synthetic shards with train/val/test splits: ``n`` random but valid H/S records that
+    repeat ``distinct`` structures (under different keys), so a few steps visibly learn."""
+    import numpy as np
+
     from foundation.data.shards import write_shards
-    from foundation.data.synthetic import random_dataset
+    from foundation.data.synthetic import random_record
 
     if not (path / "manifest.json").is_file():
+        elements = ["C", "O", "Si", "Ga", "As"]
+        records = []
+        for k in range(n):
+            rng = np.random.default_rng(k % distinct)
+            symbols = [elements[k % distinct], *rng.choice(elements, size=int(rng.integers(1, 5)))]
+            records.append(random_record(f"synthetic-{k:04d}", symbols, seed=k % distinct))
         write_shards(
-            random_dataset(n, seed=seed, elements=("C", "O", "Si", "Ga", "As")),
+            records,
             path,
             name=path.name,
             samples_per_shard=8,
@@ -89,3 +98,32 @@ def read_metrics(out: Path) -> list[dict[str, float]]:
 def train_losses(out: Path) -> dict[int, float]:
     """step → train/loss."""
     return {int(r["step"]): r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
+
+
+def fit(cfg, callbacks=(), ckpt_path=None):
+    """Build from ``cfg`` (in this process), add test ``callbacks``, fit; (trainer, module)."""
+    from foundation.train.cli import build
+
+    trainer, module, datamodule = build(cfg)
+    trainer.callbacks.extend(callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+class LossRecorder:
+    """Callback recording (global_step, train/loss) after every batch."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class _Recorder(pl.Callback):
+            def __init__(self):
+                self.losses: list[tuple[int, float]] = []
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if "train/loss" in trainer.callback_metrics:
+                    self.losses.append(
+                        (trainer.global_step, float(trainer.callback_metrics["train/loss"]))
+                    )
+
+        return _Recorder()

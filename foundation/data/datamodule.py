@@ -240,7 +240,7 @@ class ShardDataModule(pl.LightningDataModule):
             what = "does not exist" if not self.root.exists() else "has no manifest.json"
             raise DataConfigError(
                 f"Shard directory {self.root} {what} (config key data.root). Build it from "
-                f"records with `foundation-data shard <records_dir> {self.root}` (see "
+                f"records with `foundation-data shard <record dirs...> --out {self.root}` (see "
                 "`foundation-data shard --help`), or point data.root at an existing dataset."
             )
         if max_edges <= 0 or steps_per_epoch <= 0:
@@ -343,12 +343,18 @@ class ShardDataModule(pl.LightningDataModule):
         )
 
     def _epoch_start(self) -> tuple[int, int]:
-        """(epoch, batches to skip) for the train pass about to start."""
+        """(epoch, batches to skip) for the train pass about to start.
+
+        After a resume the datamodule's own record of the last batch handed to the model
+        decides: Lightning creates the first iterator before it moves past an epoch that a
+        checkpoint closed, so its epoch counter can still name the finished epoch.
+        """
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         skip = 0
         if self._resume is not None:
-            if self._resume[0] == epoch:
-                skip = self._resume[1]
+            epoch, skip = self._resume
+            if skip >= self.steps_per_epoch:
+                epoch, skip = epoch + 1, 0
             self._resume = None
         self._consumed = (epoch, skip)
         return epoch, skip

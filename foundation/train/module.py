@@ -118,9 +118,10 @@ class HamiltonianModule(pl.LightningModule):
         return self.model(batch)
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.trainer is None or self.trainer.world_size == 1:
+        trainer = self._trainer  # None when the module is used without a Trainer
+        if trainer is None or trainer.world_size == 1:
             return tensor
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        return trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def step_losses(
         self, batch: dict[str, torch.Tensor]
@@ -150,7 +151,7 @@ class HamiltonianModule(pl.LightningModule):
         stats = self._reduce_sum(stats)
         n = len(self.targets)
         global_sums, global_counts = stats[:n], stats[n : 2 * n].clamp_min(1.0)
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self._trainer.world_size if self._trainer is not None else 1
         weights = torch.tensor(
             list(self.targets.values()), dtype=local_sums.dtype, device=local_sums.device
         )
@@ -215,7 +216,7 @@ class HamiltonianModule(pl.LightningModule):
     def _is_deepspeed(self) -> bool:
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
-        return self.trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        return self._trainer is not None and isinstance(self._trainer.strategy, DeepSpeedStrategy)
 
     def _log_train(
         self,
@@ -297,7 +298,8 @@ class HamiltonianModule(pl.LightningModule):
             betas=tuple(hp.betas),
             eps=hp.eps,
         )
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 10_000
+        trainer = self._trainer
+        total = int(trainer.estimated_stepping_batches) if trainer is not None else 10_000
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
         )
