@@ -13,6 +13,8 @@ from foundation.data.graph import (
     collate_graphs,
     neighbor_edges,
     record_to_graph,
+    reverse_edge_index,
+    structure_to_graph,
 )
 from foundation.data.record import HamiltonianRecord, RecordError
 
@@ -121,3 +123,23 @@ def test_collate_offsets_indices_and_adds_batch_vectors():
     assert torch.equal(batch[keys.H][:ea], ga[keys.H])
     with pytest.raises(ValueError, match="graph 1 has keys"):
         collate_graphs([ga, record_to_graph(b, uni, targets=(keys.H,))])
+
+
+def test_reverse_edge_index_pairs_edges_and_names_a_missing_one():
+    edges = np.array([[0, 0, 0, 0, 0], [0, 1, 1, 0, 0], [1, 0, -1, 0, 0], [1, 1, 0, 0, 0]])
+    assert reverse_edge_index(edges).tolist() == [0, 2, 1, 3]
+    with pytest.raises(RecordError, match=r"cell7: edge 1 \[0, 1, 1, 0, 0\] has no reverse"):
+        reverse_edge_index(edges[:2], key="cell7")
+
+
+def test_structure_to_graph_matches_record_to_graph():
+    atoms = bulk("NaCl", "rocksalt", a=5.64)
+    atoms.rattle(0.05, seed=4)
+    rec = _random_record(atoms, 4.5)
+    a = structure_to_graph(
+        atoms.numbers, atoms.positions, atoms.cell[:], atoms.pbc, BASIS.universal, 4.5
+    )
+    b = record_to_graph(rec, BASIS.universal, targets=())
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

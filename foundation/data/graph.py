@@ -8,6 +8,8 @@
   each target as padded (E, n_uni, n_uni) blocks in the universal basis (zeros outside the
   mask). Edge vectors are *not* stored: the model computes r_ij = τ_j + R·cell − τ_i from
   positions so that autograd with respect to positions works.
+* `structure_to_graph` does the same for a bare structure (prediction), on `neighbor_edges`.
+* `reverse_edge_index` pairs every edge (i, j, R) with its reverse (j, i, −R).
 * `collate_graphs` concatenates graphs into one batch (offsetting indices).
 * `blocks_from_padded` is the inverse of the padding, for export.
 
