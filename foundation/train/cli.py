@@ -48,21 +48,37 @@ def check_dataset_fits_model(datamodule: Any, model: Any) -> None:
         )
 
 
-def _children_run_this_job() -> None:
-    """In a multirun, Lightning's local launcher would re-run the whole sweep in each child
-    process; make it re-run only this job, in this job's output directory."""
+def _multirun_job_needs_own_process(cfg: DictConfig) -> bool:
+    """A multi-process job of a multirun, launched here (not by torchrun/srun)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import read_write
 
-    if not HydraConfig.initialized():
-        return
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    processes = int(
+        cfg.trainer.get("devices", 1) if str(cfg.trainer.get("devices")).isdigit() else 2
+    )
+    external = any(k in os.environ for k in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_STEP_ID"))
+    return processes * int(cfg.trainer.get("num_nodes", 1)) > 1 and not external
+
+
+def _run_job_in_subprocess() -> None:
+    """Run this multirun job as a single run in a fresh process (which starts its own ranks):
+    process groups and DeepSpeed's global state cannot be rebuilt inside one process."""
+    import subprocess
+
+    from hydra.core.hydra_config import HydraConfig
+
     hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return
-    sys.argv = [sys.argv[0], *hc.overrides.task]
-    with read_write(hc):
-        hc.run.dir = hc.runtime.output_dir
+    cmd = [
+        sys.executable,
+        "-m",
+        "foundation.train.cli",
+        *hc.overrides.task,
+        f"hydra.run.dir={hc.runtime.output_dir}",
+        "hydra.output_subdir=null",
+    ]
+    subprocess.run(cmd, check=True)
 
 
 def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
@@ -121,7 +137,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
-    _children_run_this_job()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test:
@@ -146,6 +161,9 @@ def user_error(exc: BaseException) -> Exception | None:
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    if _multirun_job_needs_own_process(cfg):
+        _run_job_in_subprocess()
+        return None
     try:
         metrics = train(cfg)
     except Exception as exc:
