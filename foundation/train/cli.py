@@ -84,6 +84,7 @@ def _run_job_in_subprocess() -> None:
 def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """(trainer, module, datamodule) for a composed config; validates it first."""
     import pytorch_lightning as pl
+    import torch
     from hydra.utils import instantiate
     from pytorch_lightning.strategies import DeepSpeedStrategy
 
@@ -117,13 +118,17 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         accelerator=cfg.trainer.accelerator,
         gradient_clip_norm=cfg.task.grad_clip_norm,
     )
-    plugins = [] if isinstance(strategy, DeepSpeedStrategy) else [AtomicCheckpointIO()]
+    extra: dict[str, Any] = {"plugins": [AtomicCheckpointIO()]}
+    if isinstance(strategy, DeepSpeedStrategy):
+        extra["plugins"] = []  # DeepSpeed writes its own checkpoint directories
+        if str(cfg.trainer.precision).startswith("bf16"):
+            # DeepSpeed's bf16 mode casts every parameter and buffer to bf16, which the e3nn
+            # model does not support: run DeepSpeed in fp32 and autocast the forward pass
+            # (the numerics of bf16-mixed on the other strategies).
+            module.autocast_dtype = torch.bfloat16
+            extra["precision"] = "32-true"
     trainer = instantiate(
-        cfg.trainer,
-        strategy=strategy,
-        callbacks=callbacks,
-        logger=loggers or False,
-        plugins=plugins,
+        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False, **extra
     )
     return trainer, module, datamodule
 

@@ -112,6 +112,16 @@ class HamiltonianModule(pl.LightningModule):
             for stage in ("val", "test")
         }
         self._last_step_time: float | None = None
+        self.autocast_dtype: torch.dtype | None = None
+        """Set by foundation-train for DeepSpeed + bf16-mixed: DeepSpeed then runs in fp32
+        and the forward pass autocasts (DeepSpeed's own bf16 mode casts every parameter and
+        buffer, which the e3nn model does not support)."""
+
+    def _predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.autocast_dtype is None:
+            return self.model(batch)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.model(batch)
 
     # ------------------------------------------------------------------ forward / loss
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,7 +138,7 @@ class HamiltonianModule(pl.LightningModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Forward + loss. Returns (loss to backpropagate, global per-target losses, global
         [n_structures, n_edges, non-finite flag]). Loss values are those of the global batch."""
-        pred = self.model(batch)
+        pred = self._predict(batch)
         mask = batch[keys.BLOCK_MASK]
         sums, counts = [], []
         for name in self.targets:
@@ -247,7 +257,7 @@ class HamiltonianModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         weight = float(batch.pop(EVAL_WEIGHT, torch.ones(1))[0])
-        pred = self.model(batch)
+        pred = self._predict(batch)
         self._metrics[stage].update(pred, batch, weight)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
