@@ -1,4 +1,4 @@
-"""Data benchmarks: shard reading throughput (and, from the PySCF side, generation cost).
+"""Data benchmarks: shard reading throughput and PySCF generation cost.
 
 Reader: samples/s and edges/s of the webdataset pipeline (`foundation.data.shards.
 record_pipeline`: tar → samples → checksummed-free decode to `HamiltonianRecord`) driven
@@ -9,8 +9,16 @@ Wall time includes worker start-up, as a training epoch would.
     python scripts/bench_data.py reader data_shards/pbe_mini
     python scripts/bench_data.py reader --synthetic 400      # no dataset: synthetic shards
 
-Results are merged into ``bench_results/bench_data.json`` under the key ``"reader"``
-(other keys of that file are kept).
+Generation: seconds per structure (SCF, then H(R)/S(R) extraction) and the band error of
+the stored blocks against PySCF at off-mesh k-points, for the first variant of a few
+representative prototypes of ``scripts/generate_dataset.py`` (its exact settings), run
+fresh; or a summary of the timings stored in already generated records.
+
+    OMP_NUM_THREADS=1 python scripts/bench_data.py generation
+    python scripts/bench_data.py generation --records work_records/pbe_mini
+
+Results are merged into ``bench_results/bench_data.json`` under the keys ``"reader"`` and
+``"generation"`` (other keys of that file are kept).
 """
 
 from __future__ import annotations
@@ -123,6 +131,95 @@ def _synthetic_dataset(n: int, root: Path) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------- generation
+REPRESENTATIVE = ["Si-diamond-00", "AlAs-zincblende-00", "PbTe-rocksalt-00", "Al-fcc2-00",
+                  "AgBr-rocksalt-00", "InP-wurtzite-00"]  # fmt: skip
+
+
+def _generation_row(record) -> dict:
+    from foundation.data.dft.pyscf import band_errors_meV
+
+    m = record.meta
+    err = band_errors_meV(record)
+    return {
+        "key": record.key,
+        "atoms": record.n_atoms,
+        "orbitals": int(record.n_orb_per_atom.sum()),
+        "edges": record.n_edges,
+        "kmesh": m["kmesh"],
+        "dense_kmesh": m["dense_kmesh"],
+        "fft_mesh": m["fft_mesh"],
+        "scf_s": m["seconds"]["scf"],
+        "hamiltonian_s": m["seconds"]["hamiltonian"],
+        "total_s": m["seconds"]["scf"] + m["seconds"]["hamiltonian"],
+        "band_err_occ_meV": err["occupied"],
+        "band_err_first_empty_meV": err["first_empty"],
+        "s_alias_error": m["s_alias_error"],
+    }
+
+
+def bench_generation(keys: Sequence[str] = REPRESENTATIVE, records_dir: Path | None = None) -> dict:
+    """Per-structure generation time and band error.
+
+    Without ``records_dir``: compute the listed structures of `generate_dataset.py` afresh
+    (its seed and settings; no files written). With it: summarise every record there from
+    the timings stored in its meta (no PySCF run).
+    """
+    from foundation.data.record import HamiltonianRecord
+
+    if records_dir is not None:
+        rows = [
+            _generation_row(HamiltonianRecord.load(d))
+            for d in sorted(Path(records_dir).iterdir())
+            if (d / "structure.json").is_file()
+        ]
+        source = f"timings stored in {records_dir}"
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import generate_dataset as gd
+
+        from foundation.data.dft.pyscf import PER_STRUCTURE_KWARGS, compute_record
+
+        structures = dict(gd.build_structures(gd.SEED))
+        rows = []
+        for key in keys:
+            atoms = structures[key]
+            kw = {"cutoff_A": gd.CUTOFF_A, "kspacing": gd.KSPACING}
+            kw |= atoms.info.get(PER_STRUCTURE_KWARGS, {})
+            rows.append(_generation_row(compute_record(atoms, key=key, **kw)))
+        source = "fresh compute_record runs (scripts/generate_dataset.py settings)"
+    totals = [r["total_s"] for r in rows]
+    return {
+        "source": source,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "machine": f"{platform.node()} · {os.cpu_count()} CPUs",
+        "n": len(rows),
+        "median_total_s": statistics.median(totals) if totals else None,
+        "sum_total_s": sum(totals),
+        "results": rows,
+    }
+
+
+def print_generation_table(result: dict) -> None:
+    print(f"generation benchmark: {result['source']} (OMP_NUM_THREADS={result['omp_threads']})")
+    print(
+        f"  {'key':<22} {'at':>2} {'orb':>4} {'edges':>5} {'kmesh':>7} {'dense':>7} "
+        f"{'scf s':>6} {'H s':>5} {'tot s':>6} {'occ meV':>8} {'empty meV':>9}"
+    )
+    for r in result["results"]:
+        km = "x".join(map(str, r["kmesh"]))
+        dm = "x".join(map(str, r["dense_kmesh"]))
+        print(
+            f"  {r['key']:<22} {r['atoms']:>2} {r['orbitals']:>4} {r['edges']:>5} {km:>7} {dm:>7} "
+            f"{r['scf_s']:>6.1f} {r['hamiltonian_s']:>5.1f} {r['total_s']:>6.1f} "
+            f"{r['band_err_occ_meV']:>8.2f} {r['band_err_first_empty_meV']:>9.2f}"
+        )
+    if result["n"]:
+        print(
+            f"  median {result['median_total_s']:.1f} s/structure, total {result['sum_total_s'] / 60:.1f} min"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,7 +229,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    g = sub.add_parser("generation", help="PySCF seconds per structure and band error")
+    g.add_argument("--keys", nargs="+", default=REPRESENTATIVE, help="structures to compute")
+    g.add_argument("--records", type=Path, help="summarise stored records instead of computing")
+    g.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
+    if args.command == "generation":
+        result = bench_generation(args.keys, records_dir=args.records)
+        print_generation_table(result)
+        merge_json(args.json, "generation", result)
+        print(f"wrote {args.json}")
     if args.command == "reader":
         with tempfile.TemporaryDirectory() as tmp:
             if args.synthetic:

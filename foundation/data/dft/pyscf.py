@@ -1,0 +1,583 @@
+"""Generate `HamiltonianRecord`s with periodic PySCF (Kohn–Sham DFT, GTH pseudopotentials).
+
+Pipeline of `compute_record` (units: PySCF works in Bohr/Hartree; structures go in in Å
+(``cell.unit = "A"``, converted by PySCF with ``pyscf.data.nist.BOHR``) and energies come out
+in eV with ``pyscf.data.nist.HARTREE2EV`` (CODATA), so everything stored is Å/eV):
+
+1. Self-consistent KRKS on a modest Γ-centred k-mesh (time-reversal-reduced), Fermi smearing
+   for metals.
+2. From the converged density, the Fock matrix F(k) = hcore(k) + veff[ρ](k) at a *dense*
+   Γ-centred mesh (non-self-consistent, exactly what ``get_bands`` does at ``kpts_band``).
+   The dense mesh is chosen so that the shortest lattice vector of its Born–von Kármán (BvK)
+   supercell is at least ``cutoff_A + alias_margin_A``: an image of a stored block then sits
+   ≥ ``alias_margin_A`` away, where the short-range MOLOPT-SR orbitals barely overlap
+   (what is left is measured in step 4).
+3. H(R) = w/N_k Σ_k e^{−2πi k·R} F(k) for every stored edge (i, j, R); R is the image of the
+   pair inside the Wigner–Seitz cell of the BvK supercell, degenerate images sharing weight w.
+   PySCF's Bloch sums are φ_kμ = Σ_T e^{ik·T} φ_μ(r − T), so F(k) = Σ_R e^{2πi k·R} H(R) with
+   H_μν(R) = ⟨φ_μ(r)|H|φ_ν(r − R)⟩ — the package convention (DESIGN.md §3).
+4. S(R) exactly in real space (two-centre overlap integrals between the cell and the cell
+   shifted by R, no lattice sum). The Fourier-transformed S(R) is compared with it and the
+   largest difference is stored as ``meta["s_alias_error"]`` — a direct measure of the
+   aliasing of step 3.
+5. Blocks go from PySCF's AO order to the package order (``basis.convention("pyscf")``).
+6. The truncated S(R) is Bloch-summed at every dense and band k-point; a smallest eigenvalue
+   below ``min_overlap_eig`` raises `OverlapNotPositiveDefinite` (the cutoff is too short for
+   the basis) instead of returning a record whose bands are garbage.
+7. ``meta["dft_bands"]`` = PySCF's own eigenvalues (eV, absolute) at ``band_kpts_frac``
+   (default: generic points off every small Γ-centred mesh), so anyone can test band
+   reconstruction from the stored blocks against DFT.
+
+`generate_dataset` runs `compute_record` over many structures: process pool, resumable,
+progress bar, one failing structure reported by key without stopping the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import ase
+import numpy as np
+
+from foundation import keys
+from foundation.basis import BasisSet, convention
+from foundation.data.graph import neighbor_edges
+from foundation.data.record import HamiltonianRecord, RecordError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASIS = "gth-szv-molopt-sr"
+DEFAULT_PSEUDO = "gth-pbe"
+DEFAULT_CUTOFF_A = 9.0
+"""Å: stored edges |r_ij| < cutoff. Band error vs cutoff (occupied / first empty, meV): Si2
+8 Å 3.9/7.1, 9 Å 0.2/0.6; InSb 8 Å 27/15, 9 Å 3.0/5.5; AgBr 8 Å 4.0/78, 9 Å 1.0/18."""
+DEFAULT_KSPACING = 0.5
+"""Å⁻¹ (2π included): SCF mesh n_i = ceil(|b_i| / kspacing); 4×4×4 for Si's primitive cell."""
+DEFAULT_ALIAS_MARGIN_A = 8.0
+"""Å: the BvK supercell's shortest vector is ≥ cutoff + margin, so the nearest alias of a
+stored block lies ≥ margin (in practice more) away. Measured on Si (8 Å cutoff): margin 8 →
+5×5×5 dense mesh, max |S_FT − S_exact| = 4e-9; margin 4–6 → 4×4×4, 1.7e-4 and +3–6 meV band
+error."""
+DEFAULT_BAND_KPTS_FRAC = np.array(
+    [[0.13, 0.29, 0.41], [0.37, 0.11, -0.23], [-0.21, 0.44, 0.07]], dtype=np.float64
+)
+"""Fractional k-points off every Γ-centred mesh up to 99 points per axis."""
+
+KE_CUTOFF_HA = {
+    # Plane-wave cutoff (Hartree) of the FFT grid per element; a structure takes the max over
+    # its elements. Measured with gth-szv-molopt-sr/PBE, 2-atom cells, 3×3×3 mesh: the lowest
+    # occupied + 2 empty bands move by ≲ 3 meV against 100 Ha for Si, AlP (18–25 Ha: ≤ 1.6
+    # meV), Ag, AgBr, InP (40 Ha: ≤ 2.7 meV), C, BN (60 Ha: ≤ 2 meV). The others are set
+    # like their measured row neighbours (same valence shells, GTH-PBE radii of that row).
+    "B": 60, "C": 60, "N": 60,
+    "Al": 20, "Si": 20, "P": 22, "S": 25, "Cl": 30,
+    "Ge": 20, "As": 22, "Se": 25, "Br": 30,
+    "Ag": 40, "In": 40, "Sn": 20, "Sb": 22, "Te": 25, "I": 30,
+    "Pb": 20,
+}  # fmt: skip
+
+
+
+class OverlapNotPositiveDefinite(RecordError):
+    """The cutoff-truncated S(k) has a non-positive eigenvalue: the stored blocks cannot
+    reproduce the DFT bands. Raise the cutoff (or use a shorter-ranged basis)."""
+
+
+class SCFNotConverged(RuntimeError):
+    """PySCF's SCF did not converge for a structure."""
+
+
+def hartree_ev() -> float:
+    """eV per Hartree (``pyscf.data.nist.HARTREE2EV``, CODATA)."""
+    from pyscf.data import nist
+
+    return float(nist.HARTREE2EV)
+
+
+# ----------------------------------------------------------------------------- k-meshes
+def scf_kmesh(cell: np.ndarray, kspacing: float = DEFAULT_KSPACING) -> tuple[int, int, int]:
+    """Γ-centred mesh with n_i = ceil(|b_i| / kspacing), |b_i| in Å⁻¹ with the 2π."""
+    b = 2 * np.pi * np.linalg.inv(np.asarray(cell, dtype=np.float64)).T
+    return tuple(max(1, math.ceil(np.linalg.norm(bi) / kspacing - 1e-9)) for bi in b)
+
+
+def _shortest_vector(cell: np.ndarray, nmax: int = 2) -> float:
+    """Length of the shortest nonzero lattice vector (enumerates |n_i| ≤ nmax; exact for
+    the reduced-enough cells we build)."""
+    n = np.array([v for v in itertools.product(range(-nmax, nmax + 1), repeat=3) if any(v)])
+    return float(np.min(np.linalg.norm(n @ cell, axis=1)))
+
+
+def dense_kmesh(
+    cell: np.ndarray, min_image_A: float, at_least: Sequence[int] = (1, 1, 1)
+) -> tuple[int, int, int]:
+    """Smallest Γ-centred mesh N (≥ `at_least`) whose BvK supercell (rows N_i a_i) has no
+    lattice vector shorter than `min_image_A`."""
+    cell = np.asarray(cell, dtype=np.float64)
+    mesh = np.array(
+        [
+            max(int(m), math.ceil(min_image_A / np.linalg.norm(a) - 1e-9))
+            for m, a in zip(at_least, cell, strict=True)
+        ]
+    )
+    while _shortest_vector(mesh[:, None] * cell) < min_image_A - 1e-9:
+        lengths = mesh * np.linalg.norm(cell, axis=1)
+        mesh[int(np.argmin(lengths))] += 1
+    return tuple(int(m) for m in mesh)
+
+
+def gamma_mesh_frac(mesh: Sequence[int]) -> np.ndarray:
+    """(N_k, 3) fractional k-points n_i / N_i of a Γ-centred mesh (C order)."""
+    grids = [np.arange(n) / n for n in mesh]
+    return np.array(list(itertools.product(*grids)), dtype=np.float64)
+
+
+def _time_reversal_pairs(mesh: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """For the Γ-centred mesh: indices of representative k-points and, for every k, the
+    index (into the representatives) of k or −k, plus whether it is −k (conjugate)."""
+    mesh = np.asarray(mesh)
+    idx = np.array(list(itertools.product(*[range(n) for n in mesh])))
+    flat = np.ravel_multi_index(idx.T, mesh)
+    neg = np.ravel_multi_index(((-idx) % mesh).T, mesh)
+    rep_of = np.minimum(flat, neg)
+    reps = np.unique(rep_of)
+    pos = np.searchsorted(reps, rep_of)
+    return reps, np.stack([pos, (flat != rep_of).astype(np.int64)], axis=1)
+
+
+# ----------------------------------------------------------------------------- Wigner–Seitz
+def wigner_seitz_weights(
+    vectors: np.ndarray, cell: np.ndarray, mesh: Sequence[int], tol: float = 1e-6
+) -> np.ndarray:
+    """Weight of each edge vector r (Å) as an image inside the WS cell of the BvK supercell.
+
+    1 if r is the unique shortest of r + L (L a supercell lattice vector), 1/m if it ties
+    with m−1 others (they share the Fourier component), 0 if a shorter image exists.
+    """
+    sup = np.asarray(mesh, dtype=np.float64)[:, None] * np.asarray(cell, dtype=np.float64)
+    shifts = np.array(list(itertools.product((-2, -1, 0, 1, 2), repeat=3))) @ sup
+    d = np.linalg.norm(vectors[:, None, :] + shifts[None], axis=2)
+    d0 = np.linalg.norm(vectors, axis=1)
+    ties = np.sum(d <= d0[:, None] + tol, axis=1)
+    inside = d0 <= d.min(axis=1) + tol
+    return np.where(inside, 1.0 / ties, 0.0)
+
+
+# ----------------------------------------------------------------------------- Bloch sums
+def bloch_sum(
+    edges: np.ndarray,
+    blocks: Sequence[np.ndarray],
+    n_orb_per_atom: np.ndarray,
+    kpts_frac: np.ndarray,
+) -> np.ndarray:
+    """(N_k, n, n) complex M(k) = Σ_R e^{2πi k·R} M(R) from per-edge blocks."""
+    off = np.concatenate([[0], np.cumsum(n_orb_per_atom)])
+    n = int(off[-1])
+    kpts_frac = np.atleast_2d(kpts_frac)
+    phase = np.exp(2j * np.pi * kpts_frac @ edges[:, 2:5].T)  # (N_k, E)
+    out = np.zeros((len(kpts_frac), n, n), dtype=np.complex128)
+    for e, (i, j) in enumerate(edges[:, :2]):
+        out[:, off[i] : off[i + 1], off[j] : off[j + 1]] += phase[:, e, None, None] * blocks[e]
+    return out
+
+
+def record_bands(record: HamiltonianRecord, kpts_frac: np.ndarray) -> np.ndarray:
+    """(N_k, n_orb) eigenvalues (eV, absolute: μ added back) of the stored H, S at k."""
+    import scipy.linalg
+
+    n_orb = record.n_orb_per_atom
+    hk = bloch_sum(record.edges, record.blocks(keys.H), n_orb, kpts_frac)
+    sk = bloch_sum(record.edges, record.blocks(keys.S), n_orb, kpts_frac)
+    mu = float(record.meta.get(keys.ENERGY_ZERO, 0.0))
+    return (
+        np.array([scipy.linalg.eigh(h, s, eigvals_only=True) for h, s in zip(hk, sk, strict=True)])
+        + mu
+    )
+
+
+def band_errors_meV(record: HamiltonianRecord) -> dict[str, float]:
+    """Max |ε(stored H, S) − ε(PySCF)| (meV) at the record's ``dft_bands`` k-points, over the
+    occupied bands and over the first empty band (counted from the valence electrons)."""
+    bands = record.meta["dft_bands"]
+    ref = np.asarray(bands["eigenvalues_eV"])
+    err = np.abs(record_bands(record, np.asarray(bands["kpts_frac"])) - ref) * 1000
+    nocc = int(record.meta[keys.N_ELECTRONS]) // 2
+    return {"occupied": float(err[:, :nocc].max()), "first_empty": float(err[:, nocc].max())}
+
+
+def check_overlap(key: str, sk: np.ndarray, kpts_frac: np.ndarray, min_eig: float) -> float:
+    """Smallest eigenvalue of S(k) over the k-points; raise `OverlapNotPositiveDefinite`."""
+    eigs = np.linalg.eigvalsh(sk)[:, 0]
+    worst = int(np.argmin(eigs))
+    if eigs[worst] < min_eig:
+        raise OverlapNotPositiveDefinite(
+            f"{key}: the cutoff-truncated overlap S(k) is not positive definite at k = "
+            f"{np.round(kpts_frac[worst], 4).tolist()} (fractional): smallest eigenvalue "
+            f"{eigs[worst]:.3e} < {min_eig:g}. Increase cutoff_A or use a shorter-ranged basis."
+        )
+    return float(eigs[worst])
+
+
+# ----------------------------------------------------------------------------- PySCF
+def build_cell(
+    atoms: ase.Atoms,
+    basis: str = DEFAULT_BASIS,
+    pseudo: str = DEFAULT_PSEUDO,
+    ke_cutoff_Ha: float | None = None,
+    precision: float = 1e-8,
+):
+    """pyscf.pbc.gto.Cell from ASE atoms (Å); ``ke_cutoff_Ha`` None → `KE_CUTOFF_HA` table
+    (max over elements) or PySCF's own estimate for an element not in the table."""
+    from pyscf.pbc import gto
+
+    symbols = atoms.get_chemical_symbols()
+    if ke_cutoff_Ha is None and all(s in KE_CUTOFF_HA for s in symbols):
+        ke_cutoff_Ha = float(max(KE_CUTOFF_HA[s] for s in set(symbols)))
+    cell = gto.Cell()
+    cell.a = np.asarray(atoms.cell, dtype=np.float64)
+    cell.atom = [(s, p.tolist()) for s, p in zip(symbols, atoms.positions, strict=True)]
+    cell.unit = "A"
+    cell.basis = basis
+    cell.pseudo = pseudo
+    cell.precision = precision
+    if ke_cutoff_Ha is not None:
+        cell.ke_cutoff = float(ke_cutoff_Ha)
+    cell.verbose = 0
+    cell.build()
+    return cell
+
+
+def _ao_to_package(cell, basis: BasisSet, symbols: Sequence[str]) -> list[np.ndarray]:
+    """Per atom: U with package_block = U_i @ pyscf_block @ U_jᵀ; checks PySCF's AO layout."""
+    conv = convention("pyscf")
+    slices = cell.aoslice_by_atom()
+    mats = []
+    for a, sym in enumerate(symbols):
+        shells = basis.shells_of(sym)
+        ls = [int(cell.bas_angular(b)) for b in range(slices[a, 0], slices[a, 1])
+              for _ in range(int(cell.bas_nctr(b)))]  # fmt: skip
+        if tuple(ls) != tuple(shells) or slices[a, 3] - slices[a, 2] != basis.n_orb(sym):
+            raise RuntimeError(
+                f"PySCF's AO layout of atom {a} ({sym}) has shells {ls}, but the registry "
+                f"{basis.name!r} says {list(shells)}."
+            )
+        mats.append(conv.transform(shells))
+    return mats
+
+
+def _fock_at(mf_full, cell, dm_full, kpts_full_abs, kpts_band_abs) -> np.ndarray:
+    """F(k) = hcore(k) + veff[dm](k) at arbitrary k (Hartree): `get_bands` without eigh."""
+    fock = np.asarray(mf_full.get_hcore(cell, kpts_band_abs))
+    fock = fock + np.asarray(
+        mf_full.get_veff(cell, dm_full, kpts=kpts_full_abs, kpts_band=kpts_band_abs)
+    )
+    return fock.reshape(len(kpts_band_abs), cell.nao, cell.nao)
+
+
+def _exact_overlap(cell, shifts_frac: np.ndarray) -> np.ndarray:
+    """(N_R, nao, nao) S_μν(R) = ⟨φ_μ(r − τ_μ)|φ_ν(r − τ_ν − R·cell)⟩, no lattice sum."""
+    from pyscf import gto as mol_gto
+
+    mol = cell.to_mol()
+    coords = mol.atom_coords()  # Bohr
+    lattice = cell.lattice_vectors()  # Bohr, rows
+    out = np.empty((len(shifts_frac), cell.nao, cell.nao))
+    for n, r in enumerate(shifts_frac):
+        shifted = mol.set_geom_(coords + r @ lattice, unit="Bohr", inplace=False)
+        out[n] = mol_gto.intor_cross("int1e_ovlp", mol, shifted)
+    return out
+
+
+@dataclass
+class SCFResult:
+    """A converged periodic KRKS calculation and the settings it ran with."""
+
+    key: str
+    atoms: ase.Atoms  # wrapped copy: the record's positions are these
+    cell: object  # pyscf.pbc.gto.Cell
+    mf: object  # converged pyscf.pbc.dft KRKS (k-point symmetry adapted)
+    kmesh: tuple[int, int, int]
+    functional: str
+    basis: str
+    pseudo: str
+    smearing_eV: float | None
+    seconds: float
+
+
+def run_scf(
+    atoms: ase.Atoms,
+    *,
+    key: str,
+    basis: str = DEFAULT_BASIS,
+    functional: str = "PBE",
+    kmesh: tuple[int, int, int] | None = None,
+    pseudo: str = DEFAULT_PSEUDO,
+    smearing_eV: float | None = None,
+    ke_cutoff_Ha: float | None = None,
+    kspacing: float = DEFAULT_KSPACING,
+    conv_tol: float = 1e-9,
+    conv_tol_grad: float | None = None,
+    max_cycle: int = 100,
+) -> SCFResult:
+    """Self-consistent KRKS on a Γ-centred ``kmesh`` (time-reversal-reduced); raises
+    `SCFNotConverged`. ``smearing_eV`` is the Fermi–Dirac kT (None: none, for insulators).
+    ``conv_tol`` (Ha) and ``conv_tol_grad`` (default √conv_tol) are PySCF's criteria; on a
+    coarse FFT grid the orbital gradient has a floor (grid aliasing) that may need a looser
+    ``conv_tol_grad``."""
+    from pyscf.pbc import dft
+
+    hartree = hartree_ev()
+    t0 = time.perf_counter()
+    atoms = atoms.copy()
+    if not np.all(atoms.pbc):
+        raise ValueError(f"{key}: PySCF records need a 3-D periodic structure (pbc={atoms.pbc}).")
+    atoms.wrap()
+    cell = build_cell(atoms, basis, pseudo, ke_cutoff_Ha)
+    kmesh = tuple(int(n) for n in (kmesh or scf_kmesh(np.asarray(atoms.cell), kspacing)))
+    kpts = cell.make_kpts(kmesh, time_reversal_symmetry=True, space_group_symmetry=False)
+    mf = dft.KRKS(cell, kpts)
+    mf.xc = functional
+    mf.conv_tol = conv_tol
+    mf.conv_tol_grad = conv_tol_grad
+    mf.max_cycle = max_cycle
+    if smearing_eV:
+        mf = mf.smearing(sigma=smearing_eV / hartree, method="fermi")
+    mf.kernel()
+    if not mf.converged:
+        raise SCFNotConverged(
+            f"{key}: PySCF SCF did not converge in {max_cycle} cycles (kmesh {kmesh}, "
+            f"smearing {smearing_eV} eV); metals need smearing_eV."
+        )
+    return SCFResult(
+        key, atoms, cell, mf, kmesh, functional, basis, pseudo, smearing_eV,
+        time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def record_from_scf(
+    scf: SCFResult,
+    *,
+    cutoff_A: float = DEFAULT_CUTOFF_A,
+    band_kpts_frac: np.ndarray | None = None,
+    dense_mesh: tuple[int, int, int] | None = None,
+    alias_margin_A: float = DEFAULT_ALIAS_MARGIN_A,
+    min_overlap_eig: float = 1e-4,
+) -> HamiltonianRecord:
+    """H(R), S(R) of a converged SCF as a record (steps 2–7 of the module docstring)."""
+    import scipy.linalg
+    from pyscf.pbc import dft
+
+    hartree = hartree_ev()
+    t0 = time.perf_counter()
+    key, atoms, cell, mf = scf.key, scf.atoms, scf.cell, scf.mf
+    symbols = atoms.get_chemical_symbols()
+    lattice = np.asarray(atoms.cell, dtype=np.float64)
+    reg = BasisSet.from_pyscf(scf.basis, sorted(set(symbols)))
+    dm_full = mf.kpts.transform_dm(mf.make_rdm1())
+    kpts_full = mf.kpts.kpts
+    mf_full = dft.KRKS(cell, kpts_full)
+    mf_full.xc = scf.functional
+    # 2. Fock at the dense mesh (time-reversal representatives) and the band k-points
+    dense_mesh = tuple(
+        int(n)
+        for n in (dense_mesh or dense_kmesh(lattice, cutoff_A + alias_margin_A, at_least=scf.kmesh))
+    )
+    band_frac = np.asarray(
+        DEFAULT_BAND_KPTS_FRAC if band_kpts_frac is None else band_kpts_frac, dtype=np.float64
+    ).reshape(-1, 3)
+    dense_frac = gamma_mesh_frac(dense_mesh)
+    reps, rep_map = _time_reversal_pairs(dense_mesh)
+    k_eval = np.concatenate([dense_frac[reps], band_frac])
+    fock = _fock_at(mf_full, cell, dm_full, kpts_full, cell.get_abs_kpts(k_eval))
+    fock_dense = fock[: len(reps)][rep_map[:, 0]]
+    conj = rep_map[:, 1].astype(bool)
+    fock_dense[conj] = fock_dense[conj].conj()
+    ovlp_band = np.asarray(cell.pbc_intor("int1e_ovlp", hermi=1, kpts=cell.get_abs_kpts(band_frac)))
+    ovlp_band = ovlp_band.reshape(len(band_frac), cell.nao, cell.nao)
+    dft_eigs = hartree * np.array(
+        [
+            scipy.linalg.eigh(f, s, eigvals_only=True)
+            for f, s in zip(fock[len(reps) :], ovlp_band, strict=True)
+        ]
+    )
+
+    # 3. edges and their Wigner–Seitz weights in the BvK supercell
+    edges = neighbor_edges(atoms.numbers, atoms.positions, lattice, atoms.pbc, cutoff_A)
+    vec = atoms.positions[edges[:, 1]] + edges[:, 2:5] @ lattice - atoms.positions[edges[:, 0]]
+    weight = wigner_seitz_weights(vec, lattice, dense_mesh)
+    edges, weight = edges[weight > 0], weight[weight > 0]
+    shifts, inverse = np.unique(edges[:, 2:5], axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    phase = np.exp(-2j * np.pi * shifts @ dense_frac.T) / len(dense_frac)  # (N_R, N_k)
+    h_r = np.einsum("rk,kab->rab", phase, fock_dense).real * hartree
+    s_exact = _exact_overlap(cell, shifts)
+    ovlp_dense = np.asarray(
+        cell.pbc_intor("int1e_ovlp", hermi=1, kpts=cell.get_abs_kpts(dense_frac))
+    )
+    s_ft = np.einsum("rk,kab->rab", phase, ovlp_dense.reshape(-1, cell.nao, cell.nao)).real
+
+    # 4./5. per-edge blocks in package order
+    umats = _ao_to_package(cell, reg, symbols)
+    sl = cell.aoslice_by_atom()[:, 2:4]
+    h_blocks, s_blocks, alias = [], [], 0.0
+    for e, (i, j) in enumerate(edges[:, :2]):
+        r, w = inverse[e], weight[e]
+        a, b = slice(*sl[i]), slice(*sl[j])
+        h_blocks.append(w * umats[i] @ h_r[r, a, b] @ umats[j].T)
+        s_blocks.append(w * umats[i] @ s_exact[r, a, b] @ umats[j].T)
+        alias = max(alias, float(np.max(np.abs(s_ft[r, a, b] - s_exact[r, a, b]))))
+
+    # 6. positive definiteness of the truncated overlap
+    n_orb = reg.n_orb_array(atoms.numbers)
+    k_check = np.concatenate([dense_frac, band_frac])
+    s_min = check_overlap(key, bloch_sum(edges, s_blocks, n_orb, k_check), k_check, min_overlap_eig)
+
+    meta = {
+        keys.SOURCE: "pyscf",
+        keys.FUNCTIONAL: scf.functional,
+        keys.BASIS_NAME: scf.basis,
+        "pseudo": scf.pseudo,
+        keys.N_ELECTRONS: int(cell.nelectron),
+        "kmesh": list(scf.kmesh),
+        "dense_kmesh": list(dense_mesh),
+        "edge_cutoff_A": float(cutoff_A),
+        "smearing_eV": scf.smearing_eV,
+        "ke_cutoff_Ha": float(cell.ke_cutoff) if cell.ke_cutoff is not None else None,
+        "fft_mesh": [int(m) for m in cell.mesh],
+        "e_tot_eV": float(mf.e_tot) * hartree,
+        "s_alias_error": alias,
+        "s_min_eig": s_min,
+        "dft_bands": {"kpts_frac": band_frac.tolist(), "eigenvalues_eV": dft_eigs.tolist()},
+        "seconds": {"scf": scf.seconds, "hamiltonian": time.perf_counter() - t0},
+    }
+    record = HamiltonianRecord.from_blocks(
+        key, atoms.numbers, atoms.positions, lattice, atoms.pbc, reg, edges, h_blocks, s_blocks,
+        meta=meta,
+    )  # fmt: skip
+    record.meta["band_error_meV"] = band_errors_meV(record)  # of the stored (float32) blocks
+    return record
+
+
+def compute_record(
+    atoms: ase.Atoms,
+    *,
+    key: str,
+    basis: str = DEFAULT_BASIS,
+    functional: str = "PBE",
+    kmesh: tuple[int, int, int] | None = None,
+    cutoff_A: float = DEFAULT_CUTOFF_A,
+    pseudo: str = DEFAULT_PSEUDO,
+    smearing_eV: float | None = None,
+    band_kpts_frac: np.ndarray | None = None,
+    ke_cutoff_Ha: float | None = None,
+    kspacing: float = DEFAULT_KSPACING,
+    dense_mesh: tuple[int, int, int] | None = None,
+    alias_margin_A: float = DEFAULT_ALIAS_MARGIN_A,
+    min_overlap_eig: float = 1e-4,
+    conv_tol: float = 1e-9,
+    conv_tol_grad: float | None = None,
+) -> HamiltonianRecord:
+    """Run periodic PBE (or ``functional``) with PySCF and return H(R), S(R) as a record.
+
+    Units Å, eV. ``kmesh``: SCF Γ-centred mesh (default from ``kspacing``, Å⁻¹ with 2π);
+    ``cutoff_A``: every edge with |r_ij| < cutoff is stored (the edge set of
+    `foundation.data.graph.neighbor_edges`); ``smearing_eV``: Fermi–Dirac kT, None for
+    insulators; ``dense_mesh``: default = smallest mesh whose BvK supercell has no vector
+    shorter than ``cutoff_A + alias_margin_A``; ``ke_cutoff_Ha``: FFT-grid cutoff (default
+    `KE_CUTOFF_HA`). Method: module docstring (`run_scf` then `record_from_scf`).
+    """
+    scf = run_scf(
+        atoms, key=key, basis=basis, functional=functional, kmesh=kmesh, pseudo=pseudo,
+        smearing_eV=smearing_eV, ke_cutoff_Ha=ke_cutoff_Ha, kspacing=kspacing, conv_tol=conv_tol,
+        conv_tol_grad=conv_tol_grad,
+    )  # fmt: skip
+    return record_from_scf(
+        scf, cutoff_A=cutoff_A, band_kpts_frac=band_kpts_frac, dense_mesh=dense_mesh,
+        alias_margin_A=alias_margin_A, min_overlap_eig=min_overlap_eig,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- datasets
+PER_STRUCTURE_KWARGS = "pyscf"
+"""``atoms.info[PER_STRUCTURE_KWARGS]`` (a dict) overrides `generate_dataset`'s compute
+keyword arguments for that structure (e.g. ``{"smearing_eV": 0.1}`` for a metal)."""
+
+
+def _generate_one(
+    key: str, atoms: ase.Atoms, out: Path, kwargs: dict
+) -> tuple[str, str | None, float]:
+    """Compute and save one record; returns (key, error message or None, seconds)."""
+    t0 = time.perf_counter()
+    try:
+        kw = kwargs | dict(atoms.info.get(PER_STRUCTURE_KWARGS, {}))
+        compute_record(atoms, key=key, **kw).save(out / key)
+        return key, None, time.perf_counter() - t0
+    except Exception as exc:  # one bad structure must not stop the dataset
+        log.debug("%s failed:\n%s", key, traceback.format_exc())
+        return key, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+
+
+def generate_dataset(
+    structures: Sequence[tuple[str, ase.Atoms]],
+    records_dir: str | os.PathLike,
+    *,
+    workers: int = 1,
+    resume: bool = True,
+    **compute_kwargs,
+) -> list[Path]:
+    """Compute a record per (key, atoms) into ``records_dir/<key>/`` (atomic saves).
+
+    Resumable: with ``resume`` a key whose record directory is complete is skipped, so an
+    interrupted run continues where it stopped. ``workers`` > 1 uses a process pool. A
+    structure that fails is reported by key (log, progress bar and ``failures.json`` in
+    ``records_dir``) and the others go on. ``compute_kwargs`` go to `compute_record`;
+    ``atoms.info["pyscf"]`` overrides them per structure. Returns the record directories
+    that exist at the end, in input order.
+    """
+    import json
+
+    from tqdm.auto import tqdm
+
+    out = Path(records_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys_in = [k for k, _ in structures]
+    if len(set(keys_in)) != len(keys_in):
+        dup = sorted({k for k in keys_in if keys_in.count(k) > 1})
+        raise ValueError(f"generate_dataset: duplicate structure keys {dup[:5]}.")
+    done = {k for k in keys_in if resume and (out / k / "structure.json").is_file()}
+    todo = [(k, a) for k, a in structures if k not in done]
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(structures), initial=len(done), desc="PySCF records", unit="structure")
+
+    def report(key: str, error: str | None, seconds: float) -> None:
+        bar.update(1)
+        if error is None:
+            bar.set_postfix_str(f"{key} {seconds:.0f}s")
+        else:
+            failures[key] = error
+            bar.write(f"FAILED {key}: {error}")
+            log.error("structure %s failed: %s", key, error)
+
+    try:
+        if workers <= 1:
+            for key, atoms in todo:
+                report(*_generate_one(key, atoms, out, compute_kwargs))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_generate_one, k, a, out, compute_kwargs) for k, a in todo]
+                for fut in as_completed(futures):
+                    report(*fut.result())
+    finally:
+        bar.close()
+        if failures or (out / "failures.json").exists():
+            (out / "failures.json").write_text(json.dumps(failures, indent=1, sort_keys=True))
+    return [out / k for k in keys_in if (out / k / "structure.json").is_file()]
