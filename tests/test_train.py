@@ -61,26 +61,36 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
     fit(compose(overrides(data, tmp_path / "full", *every)), [full])
     reference = dict(full.losses)
     assert sorted(reference) == list(range(1, 9))  # 2 epochs x 4 steps
-
-    class Crash(pl.Callback):  # the "interruption": the run dies after step 5
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 5:
-                raise SystemExit("killed")
-
-    with pytest.raises(SystemExit):
-        fit(compose(overrides(data, tmp_path / "a", *every)), [LossRecorder(), Crash()])
-    # step 2: mid-epoch 0; step 4: end of epoch 0
+    # A new process state restarted from a checkpoint of step 2 (mid-epoch 0) and of step 4
+    # (end of epoch 0) must continue with exactly the uninterrupted losses.
     for name, first in (("epoch000-step000002.ckpt", 3), ("epoch000-step000004.ckpt", 5)):
         resumed = LossRecorder()
-        out = tmp_path / name
-        fit(
-            compose(overrides(data, out, *every)),
-            [resumed],
-            ckpt_path=tmp_path / "a" / "checkpoints" / name,
-        )
+        ckpt = tmp_path / "full" / "checkpoints" / name
+        fit(compose(overrides(data, tmp_path / name, *every)), [resumed], ckpt_path=ckpt)
         assert [s for s, _ in resumed.losses] == list(range(first, 9)), name
         for step, loss in resumed.losses:
             assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-9), (name, step)
+
+
+def test_interrupted_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
+    from foundation.train import checkpoint as ckpt_module
+    from foundation.train.checkpoint import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def dies_halfway(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"partial")
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 
 def test_nan_batch_is_skipped_without_update(data, tmp_path):
