@@ -1,0 +1,470 @@
+"""`foundation-predict`: checkpoint + any ASE-readable structure → H(R), S(R), bands, DOS.
+
+    foundation-predict model.pt POSCAR -o out/ [--compare dft_folder/] [--overlap analytic]
+
+Steps: read the structure (ASE; a file ASE cannot read stops with the file name, ASE's
+message and a fix) → edges (i, j, R) with `foundation.data.graph.neighbor_edges` at the
+model's cutoff → model blocks (padded universal basis → per-element blocks) → a
+`HamiltonianRecord` written as a DeepH legacy folder (`foundation.data.formats.deeph`) →
+bands on the seekpath path, DOS, Fermi level and gap (`foundation.physics.bands`) as PNG +
+JSON. Cells above ``--dense-max-orbitals`` skip the dense band path: Γ-point Fermi level by
+inertia bisection and eigenpairs near it by shift-invert (`foundation.physics.sparse`).
+
+Decisions:
+
+* **Checkpoints**: the exported inference checkpoint (``foundation.inference/1``) or a
+  Lightning checkpoint of `foundation-train` (its ``"foundation"`` metadata rebuilds the
+  model; ``model.``-prefixed weights); both loaded with ``torch.load(weights_only=True)``.
+* **Overlap**: ``--overlap model`` (default) uses the model's S head; a model without one is
+  refused with a message, unless ``--overlap analytic``, which computes the exact S(R)
+  blocks with PySCF for the model's basis (cheap one-electron integrals, no SCF; dense per
+  lattice translation, so meant for cells up to a few hundred atoms).
+* **Energy zero**: the model predicts H − μS (DESIGN.md §3), so predicted absolute energies
+  carry an unknown constant; the Fermi level comes from the electron count (valence
+  electrons of the GTH pseudopotential ``--pseudo``, or ``--n-electrons``), and plots and
+  band errors are measured from each set's own Fermi level (midgap for insulators).
+* **Molecules** (no periodic axis): put in a box with ``cutoff`` of vacuum and written as a
+  periodic DeepH folder (no edge crosses the box); bands reduce to Γ.
+* **Memory**: the forward pass runs under ``torch.no_grad`` on one graph, linear in the
+  number of edges; padded outputs are converted to flat blocks in edge chunks
+  (``--edge-chunk``) so at most one chunk of float64 blocks is alive besides the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from foundation import keys
+from foundation.basis import BasisSet, UniversalBasis
+from foundation.data.record import HamiltonianRecord
+
+
+class PredictError(RuntimeError):
+    """A user-facing failure: the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------- inputs
+def read_structure(path: str | Path, fmt: str | None = None, index: int | str = -1):
+    """One `ase.Atoms` from any ASE-readable file (CIF, POSCAR, extxyz, …).
+
+    Raises `PredictError` naming the file, what ASE said and a fix.
+    """
+    import ase.io
+
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"{path}: no such structure file.")
+    try:
+        atoms = ase.io.read(path, format=fmt, index=index)
+    except Exception as exc:  # ASE raises many types for malformed input
+        raise PredictError(
+            f"{path}: ASE could not read it as a structure "
+            f"({'format ' + fmt if fmt else 'format guessed from the name/content'}): "
+            f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ' (no message)'}. Fix: check the file is complete and in a format ASE "
+            "reads (CIF, POSCAR/CONTCAR, extxyz, …), or name the format with --format "
+            "(e.g. --format vasp for a POSCAR without the usual name)."
+        ) from None
+    if isinstance(atoms, list):
+        atoms = atoms[-1]
+    if len(atoms) == 0:
+        raise PredictError(f"{path}: the structure has no atoms.")
+    if atoms.pbc.any() and abs(atoms.cell.volume) < 1e-6:
+        raise PredictError(
+            f"{path}: periodic along {atoms.pbc.tolist()} but the cell has zero volume; "
+            "give the lattice vectors (or remove the periodic flags for a molecule)."
+        )
+    return atoms
+
+
+def boxed(atoms, vacuum_A: float):
+    """A molecule (no periodic axis) in a periodic box with ``vacuum_A`` around it."""
+    if atoms.pbc.any():
+        return atoms
+    atoms = atoms.copy()
+    atoms.center(vacuum=vacuum_A)
+    atoms.pbc = True
+    return atoms
+
+
+def valence_electrons(numbers: Sequence[int], pseudo: str = "gth-pbe") -> float:
+    """Valence electrons of the structure for a PySCF GTH pseudopotential family."""
+    from ase.data import chemical_symbols
+    from pyscf.pbc.gto.pseudo import load
+
+    zs, counts = np.unique(np.asarray(numbers), return_counts=True)
+    total = 0.0
+    for z, c in zip(zs, counts, strict=True):
+        try:
+            total += c * float(sum(load(pseudo, chemical_symbols[int(z)])[0]))
+        except Exception as exc:
+            raise PredictError(
+                f"pseudopotential {pseudo!r} has no entry for {chemical_symbols[int(z)]} ({exc}); "
+                "pass --n-electrons."
+            ) from None
+    return total
+
+
+def load_model(path: str | Path):
+    """Model from an exported inference checkpoint or a Lightning checkpoint (weights_only)."""
+    import torch
+
+    from foundation.model import build_model
+    from foundation.train.checkpoint import INFERENCE_FORMAT
+
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"{path}: no such checkpoint file.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PredictError(
+            f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}). Fix: export an inference checkpoint "
+            "(foundation.train.checkpoint.export_inference_checkpoint / the ExportInference "
+            "callback) and pass that file."
+        ) from None
+    if not isinstance(payload, dict):
+        raise PredictError(f"{path}: not a foundation checkpoint (no dict inside).")
+    if payload.get("format") == INFERENCE_FORMAT:
+        meta, state = payload, payload["state_dict"]
+    elif "state_dict" in payload and "foundation" in payload:
+        meta = payload["foundation"]
+        state = {
+            k[len("model.") :]: v
+            for k, v in payload["state_dict"].items()
+            if k.startswith("model.")
+        }
+    else:
+        raise PredictError(
+            f"{path}: neither an exported inference checkpoint (format {INFERENCE_FORMAT!r}) "
+            "nor a foundation-train Lightning checkpoint (no 'foundation' metadata)."
+        )
+    model = build_model(meta["model_config"], basis=meta["basis"])
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- model → blocks
+def padded_to_flat(
+    padded: np.ndarray, numbers: np.ndarray, edges: np.ndarray, universal: UniversalBasis
+) -> np.ndarray:
+    """(E, n_uni, n_uni) padded blocks → flat record layout (float64), vectorised by
+    species pair (the inverse of the padding in `foundation.data.graph.record_to_graph`)."""
+    numbers = np.asarray(numbers)
+    zi, zj = numbers[edges[:, 0]], numbers[edges[:, 1]]
+    n_orb = np.zeros(int(numbers.max()) + 1, dtype=np.int64)
+    for z in np.unique(numbers):
+        n_orb[z] = len(universal.orbital_index(int(z)))
+    offsets = np.concatenate([[0], np.cumsum(n_orb[zi] * n_orb[zj])])
+    out = np.empty(int(offsets[-1]))
+    for a, b in np.unique(np.stack([zi, zj], 1), axis=0):
+        sel = np.flatnonzero((zi == a) & (zj == b))
+        ii, jj = universal.orbital_index(int(a)), universal.orbital_index(int(b))
+        blocks = padded[sel][:, ii][:, :, jj].reshape(len(sel), -1)
+        out[offsets[sel][:, None] + np.arange(blocks.shape[1])] = blocks
+    return out
+
+
+def predict_record(
+    model,
+    atoms,
+    *,
+    key: str = "structure",
+    overlap: str = "model",
+    edge_chunk: int = 200_000,
+    pseudo: str = "gth-pbe",
+    n_electrons: float | None = None,
+    progress: bool = True,
+) -> tuple[HamiltonianRecord, dict]:
+    """Predict H(R) (− μS, unknown μ) and S(R) for ``atoms``; returns (record, timings)."""
+    import torch
+    from tqdm import tqdm
+
+    from foundation.data.graph import collate_graphs, structure_to_graph
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    atoms = boxed(atoms, float(model.cutoff_A))
+    numbers = atoms.numbers
+    unknown = sorted({int(z) for z in numbers} - set(model.basis.atomic_numbers))
+    if unknown:
+        from ase.data import chemical_symbols
+
+        raise PredictError(
+            f"{key}: element(s) {', '.join(chemical_symbols[z] for z in unknown)} unknown to the "
+            f"model (it knows {', '.join(model.elements)})."
+        )
+    if overlap == "model" and keys.S not in model.heads:
+        raise PredictError(
+            f"the model has no overlap head (heads: {list(model.heads)}); rerun with "
+            "--overlap analytic to compute the exact S(R) of its basis with PySCF."
+        )
+    # structure_to_graph builds its edges with neighbor_edges at the model's cutoff.
+    graph = structure_to_graph(
+        numbers,
+        atoms.positions,
+        atoms.cell.array,
+        atoms.pbc,
+        model.universal,
+        model.cutoff_A,
+        key=key,
+    )
+    edges = np.concatenate(
+        [graph[keys.EDGE_INDEX].T.numpy(), graph[keys.EDGE_SHIFT].numpy()], axis=1
+    ).astype(np.int32)
+    batch = collate_graphs([graph])
+    timings["graph_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        out = model(batch)
+    timings["model_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    flat = {}
+    names = [keys.H] + ([keys.S] if overlap == "model" else [])
+    chunks = range(0, len(edges), edge_chunk)
+    bar = tqdm(total=len(edges) * len(names), desc="blocks", unit="edge", disable=not progress)
+    for name in names:
+        parts = []
+        for s in chunks:
+            sl = slice(s, s + edge_chunk)
+            parts.append(
+                padded_to_flat(out[name][sl].double().numpy(), numbers, edges[sl], model.universal)
+            )
+            bar.update(len(edges[sl]))
+        flat[name] = np.concatenate(parts)
+    bar.close()
+    del out
+    if overlap == "analytic":
+        flat[keys.S] = analytic_overlap(atoms, model.basis, edges)
+    timings["blocks_s"] = time.perf_counter() - t2
+    n_el = valence_electrons(numbers, pseudo) if n_electrons is None else float(n_electrons)
+    record = HamiltonianRecord(
+        key=key,
+        numbers=numbers,
+        positions=atoms.positions,
+        cell=atoms.cell.array,
+        pbc=atoms.pbc,
+        basis=model.basis.subset(sorted(set(int(z) for z in numbers))),
+        edges=edges,
+        h=flat[keys.H],
+        s=flat[keys.S],
+        meta={
+            keys.SOURCE: "foundation-predict",
+            keys.ENERGY_ZERO: 0.0,
+            keys.N_ELECTRONS: n_el,
+            "energy_zero_note": "model predicts H − μS; the absolute energy zero is unknown",
+            "overlap": overlap,
+            "edge_cutoff_A": float(model.cutoff_A),
+        },
+    )
+    return record, timings
+
+
+def analytic_overlap(
+    atoms, basis: BasisSet, edges: np.ndarray, max_orbitals: int = 6000
+) -> np.ndarray:
+    """Exact S(R) blocks (flat record layout) from PySCF one-electron integrals."""
+    from foundation.data.dft.pyscf import _ao_to_package, _exact_overlap, build_cell
+
+    n_orb = basis.n_orb_array(atoms.numbers)
+    if n_orb.sum() > max_orbitals:
+        raise PredictError(
+            f"--overlap analytic computes S per lattice translation densely ({n_orb.sum()} "
+            f"orbitals > {max_orbitals}); use a model with an overlap head for this cell."
+        )
+    cell = build_cell(atoms, basis=basis.name)
+    shifts, inverse = np.unique(edges[:, 2:5], axis=0, return_inverse=True)
+    s_r = _exact_overlap(cell, shifts.astype(float))
+    u = _ao_to_package(cell, basis, atoms.get_chemical_symbols())
+    off = np.concatenate([[0], np.cumsum(n_orb)])
+    blocks = [
+        u[i] @ s_r[r, off[i] : off[i + 1], off[j] : off[j + 1]] @ u[j].T
+        for (i, j), r in zip(edges[:, :2].tolist(), inverse.reshape(-1).tolist(), strict=True)
+    ]
+    return np.concatenate([b.reshape(-1) for b in blocks])
+
+
+# --------------------------------------------------------------------------- reference
+def read_reference(path: str | Path) -> HamiltonianRecord:
+    """A DFT reference for --compare: a DeepH folder or a saved record directory."""
+    from foundation.data.formats.deeph import is_deeph_folder, read_deeph
+
+    path = Path(path)
+    if (path / "structure.json").is_file():
+        return HamiltonianRecord.load(path)
+    if is_deeph_folder(path):
+        return read_deeph(path)
+    raise PredictError(
+        f"{path}: not a DeepH folder (element.dat, hamiltonians.h5, overlaps.h5) nor a saved "
+        "record (structure.json + npy); give the DFT folder of the same structure."
+    )
+
+
+def _same_structure(a: HamiltonianRecord, b: HamiltonianRecord, where: str) -> None:
+    if a.n_atoms != b.n_atoms or not np.array_equal(a.numbers, b.numbers):
+        raise PredictError(f"{where}: the reference holds a different structure (atoms/elements).")
+    # Same crystal up to a rotation: same cell metric and fractional positions (mod 1).
+    # Bands at fractional k are frame-independent, so a rotated copy (e.g. via CIF) is fine.
+    metric = np.abs(a.cell @ a.cell.T - b.cell @ b.cell.T).max()
+    fa = np.linalg.solve(a.cell.T, a.positions.T).T
+    fb = np.linalg.solve(b.cell.T, b.positions.T).T
+    dfrac = np.abs((fa - fb + 0.5) % 1.0 - 0.5).max()
+    if metric > 1e-3 or dfrac > 1e-4:
+        raise PredictError(
+            f"{where}: the reference lattice (metric off by {metric:.2g} Å²) or fractional "
+            f"positions (off by {dfrac:.2g}) differ from the input; compare against the DFT data "
+            "of exactly this structure, same cell and atom order."
+        )
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="foundation-predict",
+        description="Predict DFT Hamiltonians H(R), S(R) with a foundation model; write a DeepH "
+        "folder, band structure and DOS (PNG + JSON), and print the gap and Fermi level.",
+    )
+    p.add_argument("checkpoint", help="exported inference checkpoint or Lightning .ckpt")
+    p.add_argument("structure", help="any ASE-readable structure file (CIF, POSCAR, xyz, …)")
+    p.add_argument(
+        "-o", "--out", default="predict_out", help="output folder (default: %(default)s)"
+    )
+    p.add_argument("--format", default=None, help="ASE format name when not guessable")
+    p.add_argument("--overlap", choices=["model", "analytic"], default="model")
+    p.add_argument("--compare", default=None, help="DFT folder (DeepH or saved record) to compare")
+    p.add_argument("--pseudo", default="gth-pbe", help="GTH family for the electron count")
+    p.add_argument("--n-electrons", type=float, default=None)
+    p.add_argument("--smearing", type=float, default=0.1, help="DOS/metal smearing, eV")
+    p.add_argument("--kspacing", type=float, default=0.2, help="DOS mesh spacing, 1/Å (2π incl.)")
+    p.add_argument("--path-spacing", type=float, default=0.025, help="band path step, 1/Å")
+    p.add_argument("--dense-max-orbitals", type=int, default=3000)
+    p.add_argument("--n-eigs", type=int, default=20, help="sparse path: eigenpairs near E_F")
+    p.add_argument("--edge-chunk", type=int, default=200_000)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except PredictError as exc:
+        print(f"foundation-predict: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from foundation.data.formats.deeph import write_deeph
+    from foundation.physics import bands as B
+    from foundation.physics.kspace import BlochHamiltonian, OverlapError
+    from foundation.physics.sparse import eigs_near, fermi_level_sparse
+
+    progress = not args.no_progress
+    atoms = read_structure(args.structure, args.format)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint)
+    key = Path(args.structure).stem
+    record, timings = predict_record(
+        model,
+        atoms,
+        key=key,
+        overlap=args.overlap,
+        edge_chunk=args.edge_chunk,
+        pseudo=args.pseudo,
+        n_electrons=args.n_electrons,
+        progress=progress,
+    )
+    timings["load_and_predict_s"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_deeph(record, out / "deeph")
+    ham = BlochHamiltonian.from_record(record)
+    summary: dict = {
+        "structure": str(args.structure),
+        "checkpoint": str(args.checkpoint),
+        "n_atoms": record.n_atoms,
+        "n_edges": record.n_edges,
+        "n_orbitals": ham.n_orb,
+        "n_electrons": ham.n_electrons,
+        "deeph_folder": str(out / "deeph"),
+        "timings_s": timings,
+    }
+    t1 = time.perf_counter()
+    try:
+        if ham.n_orb <= args.dense_max_orbitals:
+            es = B.electronic_structure(
+                ham,
+                path=B.kpath(ham.atoms, reference_distance=args.path_spacing),
+                mesh_spacing=args.kspacing,
+                smearing_eV=args.smearing,
+                progress=progress,
+            )
+            ref = None
+            if args.compare:
+                ref_rec = read_reference(args.compare)
+                _same_structure(record, ref_rec, str(args.compare))
+                ref_ham = BlochHamiltonian.from_record(ref_rec)
+                ref_ham.n_electrons = ref_ham.n_electrons or ham.n_electrons
+                ref = B.electronic_structure(
+                    ref_ham,
+                    path=es.path,
+                    mesh=es.mesh,
+                    smearing_eV=args.smearing,
+                    progress=progress,
+                )
+                summary["compare"] = {
+                    "reference": str(args.compare),
+                    "band_errors": B.band_errors(
+                        es.bands, ref.bands, es.fermi.fermi_level_eV, ref.fermi.fermi_level_eV
+                    ),
+                    "reference_gap_eV": ref.fermi.gap_eV,
+                    "gap_error_meV": 1e3 * (es.fermi.gap_eV - ref.fermi.gap_eV),
+                }
+                ref.write_json(out / "bands_reference.json")
+            es.write_json(out / "bands.json")
+            B.plot_bands(es, out / "bands.png", reference=ref)
+            B.plot_dos(es, out / "dos.png", reference=ref)
+            summary["fermi"] = es.fermi.to_dict()
+            summary["kpath"] = es.path.note
+        else:
+            info = fermi_level_sparse(ham)
+            pairs = eigs_near(ham, info["fermi_level_eV"], n=args.n_eigs, vectors=False)
+            info["eigenvalues_near_fermi_eV"] = pairs.values.tolist()
+            summary["fermi"] = info | {"note": "large cell: Γ point only (sparse shift-invert)"}
+            if args.compare:
+                summary["compare"] = "skipped: cell above --dense-max-orbitals"
+    except OverlapError as exc:
+        raise PredictError(f"{exc} (predicted S; try --overlap analytic)") from None
+    timings["physics_s"] = time.perf_counter() - t1
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    f = summary["fermi"]
+    print(
+        f"{key}: {record.n_atoms} atoms, {record.n_edges} edges, {ham.n_orb} orbitals; "
+        f"E_F = {f['fermi_level_eV']:.4f} eV, gap = {f.get('gap_eV', 0.0):.4f} eV "
+        f"({f.get('convention', '')}); energies relative to the model's energy zero"
+    )
+    if isinstance(summary.get("compare"), dict):
+        c = summary["compare"]["band_errors"]
+        print(
+            f"vs {args.compare}: band MAE {c['all_mae_meV']:.1f} meV (max {c['all_max_meV']:.1f}), "
+            f"within ±{c['window_eV']:g} eV of E_F {c.get('window_mae_meV', float('nan')):.1f} meV; "
+            f"gap error {summary['compare']['gap_error_meV']:.1f} meV"
+        )
+    print(f"wrote {out}/ (deeph/, bands.png, dos.png, bands.json, summary.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
