@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,9 @@ def test_loggers_wandb_offline_tensorboard_csv(data, tmp_path, monkeypatch):
     wandb_logger.experiment.finish()
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     (log,) = run_dir.glob("run-*.wandb")  # offline run log (protobuf records): metric keys in it
+    deadline = time.monotonic() + 60  # wandb's service process flushes asynchronously
+    while b"val/mae_meV" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert b"train/loss" in log.read_bytes() and b"val/mae_meV" in log.read_bytes()
     assert list((run_dir / "files" / "media" / "images").rglob("parity_h_*.png"))
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))

@@ -55,9 +55,8 @@ def _multirun_job_needs_own_process(cfg: DictConfig) -> bool:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
-    processes = int(
-        cfg.trainer.get("devices", 1) if str(cfg.trainer.get("devices")).isdigit() else 2
-    )
+    devices = cfg.trainer.get("devices", 1)
+    processes = devices if isinstance(devices, int) else 2  # "auto", lists: assume several
     external = any(k in os.environ for k in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_STEP_ID"))
     return processes * int(cfg.trainer.get("num_nodes", 1)) > 1 and not external
 

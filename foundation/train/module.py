@@ -106,6 +106,7 @@ class HamiltonianModule(pl.LightningModule):
         if loss not in LOSSES:
             raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
         self.ema: EMA | None = None
+        self._pending_ema: dict | None = None  # EMA state from a checkpoint, until fit start
         self.bad_steps = 0
         self._metrics = {
             stage: BlockErrors(self.model.basis.atomic_numbers, list(self.targets))
@@ -331,8 +332,6 @@ class HamiltonianModule(pl.LightningModule):
             self.ema.load_state_dict(self._pending_ema)
             self.ema.to(self.device)
         self._pending_ema = None
-
-    _pending_ema: dict | None = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["foundation"] = checkpoint_metadata(self.model, self.run_config) | {
