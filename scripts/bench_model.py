@@ -10,7 +10,7 @@ Each structure is one batch. Times are medians over ``--repeat`` runs after a wa
 "per edge" divides by the structure's edge count. Peak memory: on CUDA
 torch.cuda.max_memory_allocated; on CPU the growth of the process's peak RSS (ru_maxrss)
 over the measurement, each preset measured in a fresh process so presets do not mask
-each other. Prints a table and writes JSON (``--out``).
+each other. Prints a table and writes JSON (``--out``, default outputs/bench_model.json).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-structures", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--out", default="bench_model.json")
+    p.add_argument("--out", default="outputs/bench_model.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one preset, print JSON
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.machine(),
         "results": results,
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.out}")
 

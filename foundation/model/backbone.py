@@ -169,7 +169,8 @@ class TensorProductConvolution(Convolution):
             [num_radial] + [radial_hidden] * radial_layers + [irreps_mid.num_irreps],
             torch.nn.functional.silu,
         )
-        self.linear = linear(irreps_mid, self.irreps_out)
+        # same memory layout, fewer irreps: the linear slices its input once per irrep
+        self.linear = linear(irreps_mid.simplify(), self.irreps_out)
 
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
         weights = self.radial(geometry.radial)[:, self.copy_of_component]
