@@ -136,6 +136,18 @@ def pack(structures: list[tuple[str, Atoms]], records_dir: Path, out_dir: Path, 
     if missing:
         logging.warning("%d structures have no record and are left out: %s", len(missing), missing)
     records = (HamiltonianRecord.load(records_dir / k) for k in present)
+    errors = {
+        k: json.loads((records_dir / k / "structure.json").read_text())["meta"]["band_error_meV"]
+        for k in present
+    }
+    band_error = {
+        window: {
+            "median": float(np.median([e[window] for e in errors.values()])),
+            "max": max(e[window] for e in errors.values()),
+            "worst_key": max(errors, key=lambda k: errors[k][window]),
+        }
+        for window in ("occupied", "first_empty")
+    }
     extra = {
         "generation": {
             "script": "scripts/generate_dataset.py",
@@ -156,6 +168,7 @@ def pack(structures: list[tuple[str, Atoms]], records_dir: Path, out_dir: Path, 
             "units": "Å, eV; PySCF Bohr/Hartree converted with pyscf.data.nist (BOHR, HARTREE2EV)",
         },
         "edge_cutoff_choice": CUTOFF_NOTE,
+        "band_error_meV": band_error,  # stored blocks vs PySCF bands at off-mesh k-points
     }  # fmt: skip
     return write_shards(
         records, out_dir, name=NAME, samples_per_shard=32, seed=seed, val_fraction=0.1,

@@ -151,8 +151,11 @@ def test_dense_kmesh_bvk_supercell_is_long_enough():
     assert np.allclose((back - frac + 0.5) % 1 - 0.5, 0)
 
 
-def test_generate_dataset_resumes_and_reports_failures(tmp_path, monkeypatch, caplog):
-    """A failing structure is reported by key, the others are saved; a rerun skips done keys."""
+@pytest.fixture
+def fake_compute(monkeypatch):
+    """Replace the PySCF run by a 1-orbital record; key "bad" raises. Returns the call log."""
+    from foundation.basis import BasisSet
+
     calls = []
 
     def fake(atoms, *, key, **kw):
@@ -161,19 +164,22 @@ def test_generate_dataset_resumes_and_reports_failures(tmp_path, monkeypatch, ca
             raise RuntimeError("SCF exploded")
         n = len(atoms)
         edges = np.array([[i, i, 0, 0, 0] for i in range(n)])
-        from foundation.basis import BasisSet
-
-        basis = BasisSet.from_spec({"Si": "1s"})
         return HamiltonianRecord.from_blocks(
-            key, atoms.numbers, atoms.positions, atoms.cell, atoms.pbc, basis, edges,
-            [np.eye(1) * -5.0] * n, [np.eye(1)] * n, meta={"kw": kw},
+            key, atoms.numbers, atoms.positions, atoms.cell, atoms.pbc,
+            BasisSet.from_spec({"Si": "1s"}), edges, [np.eye(1) * -5.0] * n, [np.eye(1)] * n,
+            meta={"kw": kw},
         )  # fmt: skip
 
     monkeypatch.setattr(gen, "compute_record", fake)
     si = bulk("Si", "diamond", a=5.43)
     metal = si.copy()
     metal.info[gen.PER_STRUCTURE_KWARGS] = {"smearing_eV": 0.1}
-    structures = [("a", si), ("bad", si), ("metal", metal)]
+    return calls, [("a", si), ("bad", si), ("metal", metal)]
+
+
+def test_generate_dataset_resumes_and_reports_failures(tmp_path, fake_compute):
+    """A failing structure is reported by key, the others are saved; a rerun skips done keys."""
+    calls, structures = fake_compute
     paths = gen.generate_dataset(structures, tmp_path, cutoff_A=6.0)
     assert [p.name for p in paths] == ["a", "metal"]
     assert "SCF exploded" in json.loads((tmp_path / "failures.json").read_text())["bad"]
@@ -184,6 +190,15 @@ def test_generate_dataset_resumes_and_reports_failures(tmp_path, monkeypatch, ca
     calls.clear()
     gen.generate_dataset(structures, tmp_path, cutoff_A=6.0)
     assert [k for k, _ in calls] == ["bad"]  # done keys skipped, the failed one retried
+
+
+@pytest.mark.multiprocess
+def test_generate_dataset_process_pool(tmp_path, fake_compute):
+    """workers > 1: the same records and failure report (forked workers inherit the fake)."""
+    _, structures = fake_compute
+    paths = gen.generate_dataset(structures, tmp_path, workers=2, cutoff_A=6.0)
+    assert [p.name for p in paths] == ["a", "metal"]
+    assert list(json.loads((tmp_path / "failures.json").read_text())) == ["bad"]
 
 
 def test_dataset_structure_list_is_reproducible_from_the_seed():
