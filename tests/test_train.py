@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from train_support import LossRecorder, compose, fit, make_dataset, overrides, run_cli
+from train_support import LossRecorder, compose, fit, make_dataset, overrides, read_metrics, run_cli
 
 from foundation import keys
 from foundation.train.checkpoint import load_inference_checkpoint, load_inference_model
@@ -175,3 +175,26 @@ def test_loggers_wandb_offline_tensorboard_csv(data, tmp_path, monkeypatch):
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert (tmp_path / "figures" / "epoch0000_parity_h.png").exists()
     assert (tmp_path / "figures" / "epoch0000_bands.png").exists()
+
+
+def test_multirun_sweep_runs_each_job_in_its_own_directory(data, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [a for a in overrides(data, tmp_path) if not a.startswith("paths.output_dir")]
+    result = run_cli(
+        [
+            "-m",
+            *args,
+            f"hydra.sweep.dir={sweep}",
+            "task.lr=1e-3,2e-3",
+            "trainer.max_epochs=1",
+            "data.steps_per_epoch=2",
+            "callbacks=none",
+        ],
+        tmp_path / "unused",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, lr in (("0", 0.001), ("1", 0.002)):
+        rows = read_metrics(sweep / job)
+        assert any("train/loss" in r for r in rows)
+        assert (sweep / job / ".hydra" / "overrides.yaml").read_text().count(f"task.lr={lr}") == 1

@@ -84,7 +84,16 @@ def run_cli(args: list[str], out: Path, timeout: float = 240) -> subprocess.Comp
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     env.setdefault("WANDB_MODE", "disabled")
-    cmd = [sys.executable, "-m", "foundation.train.cli", f"hydra.run.dir={out}", *args]
+    flags = [a for a in args if a.startswith("-")]  # Hydra wants -m etc. before overrides
+    overrides_ = [a for a in args if not a.startswith("-")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "foundation.train.cli",
+        *flags,
+        f"hydra.run.dir={out}",
+        *overrides_,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -118,15 +118,12 @@ class HamiltonianModule(pl.LightningModule):
         and the forward pass autocasts (DeepSpeed's own bf16 mode casts every parameter and
         buffer, which the e3nn model does not support)."""
 
-    def _predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------ forward / loss
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.autocast_dtype is None:
             return self.model(batch)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
             return self.model(batch)
-
-    # ------------------------------------------------------------------ forward / loss
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.model(batch)
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         trainer = self._trainer  # None when the module is used without a Trainer
@@ -139,7 +136,7 @@ class HamiltonianModule(pl.LightningModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Forward + loss. Returns (loss to backpropagate, global per-target losses, global
         [n_structures, n_edges, non-finite flag]). Loss values are those of the global batch."""
-        pred = self._predict(batch)
+        pred = self(batch)
         mask = batch[keys.BLOCK_MASK]
         sums, counts = [], []
         for name in self.targets:
@@ -214,13 +211,9 @@ class HamiltonianModule(pl.LightningModule):
         if self._is_deepspeed:
             return None
         params = [p for p in self.parameters() if p.grad is not None]
-        max_norm = self.hparams.grad_clip_norm
-        if max_norm is None:
-            return (
-                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-                if params
-                else None
-            )
+        if not params:
+            return None
+        max_norm = self.hparams.grad_clip_norm or float("inf")  # inf: measure, never clip
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     @property
@@ -258,7 +251,7 @@ class HamiltonianModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         weight = float(batch.pop(EVAL_WEIGHT, torch.ones(1))[0])
-        pred = self._predict(batch)
+        pred = self(batch)
         self._metrics[stage].update(pred, batch, weight)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
