@@ -97,15 +97,22 @@ def _shift_invert_operator(a: sp.csr_matrix, solver: str, inner_tol: float):
         lu = factorize(a)
         return spla.LinearOperator(a.shape, matvec=lu.solve, dtype=a.dtype), [0]
     count = [0]
+    n = a.shape[0]
+    # scipy's MINRES is for real symmetric matrices; a complex hermitian A = Ar + i·Ai is
+    # solved through the real symmetric embedding [[Ar, −Ai], [Ai, Ar]].
+    real = (
+        a if not np.iscomplexobj(a.data) else sp.bmat([[a.real, -a.imag], [a.imag, a.real]]).tocsr()
+    )
 
     def solve(b: np.ndarray) -> np.ndarray:
         def tick(_):
             count[0] += 1
 
-        x, info = spla.minres(a, b, rtol=inner_tol, maxiter=20 * a.shape[0], callback=tick)
+        rhs = b if real is a else np.concatenate([b.real, b.imag])
+        x, info = spla.minres(real, rhs, rtol=inner_tol, maxiter=20 * n, callback=tick)
         if info != 0:
             raise RuntimeError(f"MINRES did not converge for (H − σS)x = b (info {info}).")
-        return x
+        return x if real is a else x[:n] + 1j * x[n:]
 
     return spla.LinearOperator(a.shape, matvec=solve, dtype=a.dtype), count
 
@@ -149,7 +156,12 @@ def eigs_near(
     hv, sv = h @ v, s @ v
     hs = v.conj().T @ hv
     ss = v.conj().T @ sv
-    w, y = scipy.linalg.eigh(0.5 * (hs + hs.conj().T), 0.5 * (ss + ss.conj().T))
+    try:
+        w, y = scipy.linalg.eigh(0.5 * (hs + hs.conj().T), 0.5 * (ss + ss.conj().T))
+    except np.linalg.LinAlgError:  # Ritz vectors with cᵀSc ≤ 0: S is not positive definite
+        raise overlap_error(
+            "Ritz vectors not S-normalizable", k, smallest_overlap_eigenvalue(s), ham.key
+        ) from None
     v, hv, sv = v @ y, hv @ y, sv @ y
     residual = float(np.max(np.linalg.norm(hv - sv * w, axis=0)))
     return Eigenpairs(
