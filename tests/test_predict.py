@@ -1,0 +1,135 @@
+"""foundation-predict: checkpoint loading, structure errors, DeepH output, bands files.
+
+Uses an untrained tiny model (the physics of its output is not the point here: shapes,
+files, round trips and messages are).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+from foundation import keys
+from foundation.basis import BasisSet
+from foundation.data.formats.deeph import read_deeph
+from foundation.physics import predict as P
+from foundation.physics.kspace import BlochHamiltonian
+
+TINY = {
+    "cutoff_A": 4.0,
+    "num_layers": 1,
+    "irreps_node": "4x0e+4x0o+2x1o+2x1e+2x2e+2x2o",
+    "sh_lmax": 2,
+    "radial_hidden": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from foundation.model import build_model
+    from foundation.train.checkpoint import export_inference_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(TINY, basis=BasisSet.from_pyscf("gth-szv-molopt-sr", ["Si", "C"]))
+    return export_inference_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def si_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("st") / "Si.cif"
+    bulk("Si").write(path)
+    return path
+
+
+def test_malformed_structure_file_names_file_and_fix(tmp_path, checkpoint, capsys):
+    bad = tmp_path / "broken.cif"
+    bad.write_text("data_x\n_cell_length_a 5.4\nloop_\n_atom_site_label\n")
+    with pytest.raises(P.PredictError) as exc:
+        P.read_structure(bad)
+    msg = str(exc.value)
+    assert str(bad) in msg and "ASE could not read" in msg and "Fix:" in msg
+    assert P.main([str(checkpoint), str(bad), "-o", str(tmp_path / "o")]) == 2
+    assert "broken.cif" in capsys.readouterr().err
+    with pytest.raises(P.PredictError, match="no such structure file"):
+        P.read_structure(tmp_path / "missing.vasp")
+
+
+def test_not_a_checkpoint_is_refused(tmp_path):
+    junk = tmp_path / "x.pt"
+    torch.save({"weights": torch.zeros(2)}, junk)
+    with pytest.raises(P.PredictError, match="neither an exported inference checkpoint"):
+        P.load_model(junk)
+
+
+def test_lightning_checkpoint_loads_like_export(tmp_path, checkpoint):
+    payload = torch.load(checkpoint, weights_only=True)
+    meta = {k: payload[k] for k in ("model_config", "basis", "elements", "units")}
+    lightning = {
+        "state_dict": {f"model.{k}": v for k, v in payload["state_dict"].items()},
+        "foundation": meta,
+    }
+    torch.save(lightning, tmp_path / "last.ckpt")
+    a, b = P.load_model(checkpoint), P.load_model(tmp_path / "last.ckpt")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_predicted_record_and_deeph_round_trip(tmp_path, checkpoint):
+    model = P.load_model(checkpoint)
+    atoms = bulk("Si", cubic=True)
+    record, timings = P.predict_record(model, atoms, key="si8", overlap="analytic", progress=False)
+    assert record.meta[keys.N_ELECTRONS] == 32  # GTH-PBE Si: 4 valence electrons
+    record.validate()  # shapes + hermiticity of the model output
+    # edge chunks give the same blocks as one chunk
+    small, _ = P.predict_record(
+        model, atoms, key="si8", overlap="analytic", edge_chunk=37, progress=False
+    )
+    np.testing.assert_array_equal(small.h, record.h)
+    from foundation.data.formats.deeph import write_deeph
+
+    write_deeph(record, tmp_path / "deeph")
+    back = read_deeph(tmp_path / "deeph", basis=record.basis)
+    np.testing.assert_array_equal(back.edges, record.edges)
+    np.testing.assert_allclose(back.absolute_h(), record.absolute_h(), atol=1e-5)
+    np.testing.assert_allclose(back.s, record.s, atol=1e-6)
+    k = np.array([[0.1, 0.2, 0.3], [0, 0, 0]])
+    np.testing.assert_allclose(
+        BlochHamiltonian.from_record(back).eigenvalues(k),
+        BlochHamiltonian.from_record(record).eigenvalues(k),
+        atol=1e-4,
+    )
+
+
+def test_model_without_overlap_head_is_refused(checkpoint):
+    model = P.load_model(checkpoint)
+    del model.heads[keys.S]
+    with pytest.raises(P.PredictError, match="no overlap head.*--overlap analytic"):
+        P.predict_record(model, bulk("Si"), progress=False)
+
+
+def test_unknown_element_is_refused(checkpoint):
+    with pytest.raises(P.PredictError, match="Fe.*unknown"):
+        P.predict_record(P.load_model(checkpoint), bulk("Fe"), progress=False)
+
+
+def test_cli_writes_bands_dos_deeph_and_compares(tmp_path, checkpoint, si_file, capsys):
+    # the reference: the model's own prediction of the same structure, saved as a record
+    model = P.load_model(checkpoint)
+    atoms = P.read_structure(si_file)
+    ref, _ = P.predict_record(model, atoms, key="ref", overlap="analytic", progress=False)
+    ref.save(tmp_path / "ref")
+    out = tmp_path / "out"
+    rc = P.main(
+        [str(checkpoint), str(si_file), "-o", str(out), "--overlap", "analytic",
+         "--compare", str(tmp_path / "ref"), "--no-progress", "--kspacing", "0.5"]
+    )  # fmt: skip
+    assert rc == 0
+    for name in ("bands.png", "dos.png", "bands.json", "summary.json", "deeph/element.dat"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compare"]["band_errors"]["all_max_meV"] < 1e-3  # same H → no error
+    assert "E_F =" in capsys.readouterr().out
