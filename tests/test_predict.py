@@ -133,3 +133,14 @@ def test_cli_writes_bands_dos_deeph_and_compares(tmp_path, checkpoint, si_file, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compare"]["band_errors"]["all_max_meV"] < 1e-3  # same H → no error
     assert "E_F =" in capsys.readouterr().out
+
+
+def test_cli_large_cell_path_uses_sparse_solver(tmp_path, checkpoint, si_file):
+    out = tmp_path / "big"
+    rc = P.main(
+        [str(checkpoint), str(si_file), "-o", str(out), "--overlap", "analytic",
+         "--dense-max-orbitals", "4", "--n-eigs", "4", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    fermi = json.loads((out / "summary.json").read_text())["fermi"]
+    assert len(fermi["eigenvalues_near_fermi_eV"]) == 4 and "Γ point only" in fermi["note"]

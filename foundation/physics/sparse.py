@@ -14,7 +14,7 @@
   S positive definite ⇒ #negative pivots of the LDLᵀ of H − σS = #ε < σ), so the Fermi
   level of an insulator can be bracketed by bisection on the electron count without any
   dense diagonalization (`fermi_level_sparse`).
-* `eigs_dense` is the small-system path (dense generalized eigensolver); tests check the two
+* The small-system path is the dense solver, `BlochHamiltonian.eigh`; tests check the two
   agree.
 """
 
@@ -88,33 +88,41 @@ class Eigenpairs:
     k: np.ndarray
     solver: str = ""
     residual: float = float("nan")
+    n_solves: int = 0
     inner_iterations: int = 0
 
 
 def _shift_invert_operator(a: sp.csr_matrix, solver: str, inner_tol: float):
-    """(H − σS)⁻¹ as a LinearOperator: sparse LU (exact) or MINRES (memory linear in N)."""
+    """(H − σS)⁻¹ as a LinearOperator: sparse LU (exact) or MINRES (memory linear in N).
+    Returns (operator, counts) with counts = [applications, MINRES iterations]."""
+    counts = [0, 0]
+    n = a.shape[0]
     if solver == "direct":
         lu = factorize(a)
-        return spla.LinearOperator(a.shape, matvec=lu.solve, dtype=a.dtype), [0]
-    count = [0]
-    n = a.shape[0]
+
+        def solve(b: np.ndarray) -> np.ndarray:
+            counts[0] += 1
+            return lu.solve(b)
+
+        return spla.LinearOperator(a.shape, matvec=solve, dtype=a.dtype), counts
     # scipy's MINRES is for real symmetric matrices; a complex hermitian A = Ar + i·Ai is
     # solved through the real symmetric embedding [[Ar, −Ai], [Ai, Ar]].
     real = (
         a if not np.iscomplexobj(a.data) else sp.bmat([[a.real, -a.imag], [a.imag, a.real]]).tocsr()
     )
 
-    def solve(b: np.ndarray) -> np.ndarray:
-        def tick(_):
-            count[0] += 1
+    def tick(_):
+        counts[1] += 1
 
+    def solve(b: np.ndarray) -> np.ndarray:
+        counts[0] += 1
         rhs = b if real is a else np.concatenate([b.real, b.imag])
         x, info = spla.minres(real, rhs, rtol=inner_tol, maxiter=20 * n, callback=tick)
         if info != 0:
             raise RuntimeError(f"MINRES did not converge for (H − σS)x = b (info {info}).")
         return x if real is a else x[:n] + 1j * x[n:]
 
-    return spla.LinearOperator(a.shape, matvec=solve, dtype=a.dtype), count
+    return spla.LinearOperator(a.shape, matvec=solve, dtype=a.dtype), counts
 
 
 def eigs_near(
@@ -144,7 +152,7 @@ def eigs_near(
     n = min(n, h.shape[0] - 1)
     if solver == "auto":
         solver = "direct" if h.shape[0] <= DIRECT_MAX_ORBITALS else "iterative"
-    op_inv, count = _shift_invert_operator((h - sigma * s).tocsr(), solver, inner_tol)
+    op_inv, counts = _shift_invert_operator((h - sigma * s).tocsr(), solver, inner_tol)
     try:
         w, v = spla.eigsh(h, k=n, M=s, sigma=sigma, which=which, OPinv=op_inv, tol=tol)
     except (spla.ArpackError, spla.ArpackNoConvergence, ValueError) as exc:
@@ -165,7 +173,7 @@ def eigs_near(
     v, hv, sv = v @ y, hv @ y, sv @ y
     residual = float(np.max(np.linalg.norm(hv - sv * w, axis=0)))
     return Eigenpairs(
-        w, v if vectors else None, float(sigma), np.asarray(k, float), solver, residual, count[0]
+        w, v if vectors else None, float(sigma), np.asarray(k, float), solver, residual, *counts
     )
 
 
@@ -205,6 +213,8 @@ def fermi_level_sparse(
     (n_electrons / 2, spin-degenerate) or the bracket is narrower than ``tol_eV``; then one
     shift-invert solve at σ gives the highest occupied and lowest unoccupied levels. For an
     insulator E_F = midgap (VBM + CBM)/2, as in `foundation.physics.bands.fermi_level`.
+    Each bisection step is one sparse LU (superlinear fill): practical up to a few thousand
+    orbitals; for larger cells pass the energy of interest to `eigs_near` directly.
     """
     n_el = ham.n_electrons if n_electrons is None else float(n_electrons)
     if n_el is None:
@@ -249,8 +259,3 @@ def fermi_level_sparse(
     else:
         out |= {"fermi_level_eV": sigma, "convention": f"Γ only; centre of a {tol_eV:g} eV bracket"}
     return out
-
-
-def eigs_dense(ham: BlochHamiltonian, k: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
-    """All eigenvalues (eV) at one k from the dense solver (small systems)."""
-    return ham.eigh(k)
