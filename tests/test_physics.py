@@ -165,6 +165,19 @@ def test_metal_fermi_level_half_filled_band():
     assert eigs.min() < f4.fermi_level_eV < 0
 
 
+@pytest.mark.skipif(not (SHARDS / "manifest.json").is_file(), reason="pbe_mini shards absent")
+def test_metal_from_dft_record():
+    """A real metal (Al or Na from the shipped shards): gap 0, E_F inside the bands."""
+    from foundation.data.shards import iter_records
+
+    rec = next((r for r in iter_records(SHARDS) if set(r.numbers.tolist()) in ({13}, {11})), None)
+    if rec is None:
+        pytest.skip("no pure Al or Na record in pbe_mini")
+    es = B.electronic_structure(BlochHamiltonian.from_record(rec), mesh_spacing=0.3)
+    assert es.fermi.is_metal and es.fermi.gap_eV == 0.0
+    assert es.bands.min() < es.fermi.fermi_level_eV < es.bands.max()
+
+
 def test_too_many_electrons_is_an_error(si):
     with pytest.raises(ValueError, match="bands"):
         B.fermi_level(np.zeros((1, 4)), n_electrons=10)
