@@ -44,7 +44,9 @@ def synthetic_dataset(path: Path) -> Path:
 def run(
     name: str, args: argparse.Namespace, data: Path, nproc: int, strategy: str, out: Path
 ) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // nproc) if args.accelerator == "cpu" else 4
+    threads = args.threads or (
+        max(1, (os.cpu_count() or 1) // nproc) if args.accelerator == "cpu" else 4
+    )
     env = dict(
         os.environ,
         OMP_NUM_THREADS=str(threads),
@@ -73,6 +75,9 @@ def run(
         "+trainer.limit_val_batches=0",
         *args.extra,
     ]
+    manifest = json.loads((data / "manifest.json").read_text())
+    if manifest.get("edge_cutoff_A"):  # the model must reach the dataset's longest edges
+        cmd.insert(-len(args.extra) or len(cmd), f"model.cutoff_A={manifest['edge_cutoff_A']}")
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -114,6 +119,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12, help="train steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     p.add_argument("--max-edges", type=int, default=1024, help="edge budget per batch and rank")
+    p.add_argument(
+        "--threads", type=int, default=0, help="threads per process (0: cores / processes)"
+    )
     p.add_argument("--extra", nargs="*", default=[], help="more foundation-train overrides")
     p.add_argument("--json", type=Path, default=Path("bench_train.json"))
     args = p.parse_args()

@@ -95,6 +95,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path} does not exist; point it at a checkpoint (…/checkpoints/last.ckpt)."
         )
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model_cfg = plain(cfg.model)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 TOP_LEVEL = (
     "seed",
     "ckpt_path",
+    "num_threads",
     "test",
     "paths",
     "data",
