@@ -26,6 +26,14 @@ RUN = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """foundation-train's num_threads is process-global: give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("shards") / "synth")

@@ -64,6 +64,7 @@ def overrides(data_root: Path, out: Path, *extra: str) -> list[str]:
         "task.lr=5e-3",
         "logger=csv",
         "test=false",
+        "num_threads=1",  # robust timing on a busy 2-core machine
         *MICRO_MODEL,
         *extra,
     ]
