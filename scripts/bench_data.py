@@ -17,8 +17,8 @@ fresh; or a summary of the timings stored in already generated records.
     OMP_NUM_THREADS=1 python scripts/bench_data.py generation
     python scripts/bench_data.py generation --records work_records/pbe_mini
 
-Results are merged into ``bench_results/bench_data.json`` under the keys ``"reader"`` and
-``"generation"`` (other keys of that file are kept).
+Results are merged into ``bench_results/bench_data.json`` under the keys ``"reader"``,
+``"generation"`` (fresh runs) and ``"generation_records"`` (other keys of that file are kept).
 """
 
 from __future__ import annotations
@@ -184,7 +184,11 @@ def bench_generation(keys: Sequence[str] = REPRESENTATIVE, records_dir: Path | N
         rows = []
         for key in keys:
             atoms = structures[key]
-            kw = {"cutoff_A": gd.CUTOFF_A, "kspacing": gd.KSPACING}
+            kw = {
+                "cutoff_A": gd.CUTOFF_A,
+                "kspacing": gd.KSPACING,
+                "alias_margin_A": gd.ALIAS_MARGIN_A,
+            }
             kw |= atoms.info.get(PER_STRUCTURE_KWARGS, {})
             rows.append(_generation_row(compute_record(atoms, key=key, **kw)))
         source = "fresh compute_record runs (scripts/generate_dataset.py settings)"
@@ -237,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generation":
         result = bench_generation(args.keys, records_dir=args.records)
         print_generation_table(result)
-        merge_json(args.json, "generation", result)
+        merge_json(args.json, "generation_records" if args.records else "generation", result)
         print(f"wrote {args.json}")
     if args.command == "reader":
         with tempfile.TemporaryDirectory() as tmp:
