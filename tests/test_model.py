@@ -61,18 +61,21 @@ def _crystals() -> list[Atoms]:
 
 
 def _real_records(n: int):
+    """The first `n` training records of pbe_mini and the dataset's basis (the records
+    each carry only their own elements), or None when the shards are absent."""
     if not (SHARDS / "manifest.json").is_file():
         return None
-    from foundation.data.shards import load_records
+    from foundation.data.shards import load_records, read_manifest
 
-    return load_records(SHARDS, "train")[:n]
+    basis = BasisSet.from_dict(read_manifest(SHARDS)["basis"])
+    return load_records(SHARDS, "train")[:n], basis
 
 
 @pytest.fixture(scope="module")
 def graphs_and_basis() -> tuple[list[dict[str, torch.Tensor]], BasisSet]:
-    records = _real_records(2)
-    if records:
-        basis = records[0].basis
+    real = _real_records(2)
+    if real:
+        records, basis = real
         graphs = [record_to_graph(r, basis.universal, dtype=torch.float64) for r in records]
         return graphs, basis
     graphs = [
@@ -209,9 +212,9 @@ def test_periodic_image_representation_gives_same_hk(model):
     """Wrapping an atom by a lattice vector only changes the Bloch gauge of H(k); a supercell
     gives the same block for every edge of the same atoms at the same vector."""
     basis = model.basis
-    records = _real_records(1)
-    if records:
-        r = records[0]
+    real = _real_records(1)
+    if real:
+        r = real[0][0]
         atoms = Atoms(numbers=r.numbers, positions=r.positions, cell=r.cell, pbc=r.pbc)
     else:
         atoms = _crystals()[1]
@@ -351,11 +354,11 @@ OVERFIT_MAE_MEV = 40.0
 def test_overfit_two_real_records_to_small_h_mae():
     """The tiny model fits the two smallest of the first train records of data_shards/pbe_mini
     (real PySCF PBE): H MAE over real orbitals (meV) falls below 40 meV and 1/4 of its start."""
-    records = _real_records(12)
-    if not records:
+    real = _real_records(12)
+    if not real:
         pytest.skip("no real records: data_shards/pbe_mini is not there yet")
     torch.manual_seed(0)
-    records = sorted(records, key=lambda r: r.n_edges)[:2]
+    records = sorted(real[0], key=lambda r: r.n_edges)[:2]
     basis = records[0].basis.merged(records[1].basis)
     batch = collate_graphs(
         [record_to_graph(r, basis.universal, targets=(keys.H,)) for r in records]

@@ -136,7 +136,7 @@ def test_kpath_is_expressed_in_the_input_cell(si):
 
 # ----------------------------------------------------------------------------- Fermi level
 def test_insulator_fermi_level_is_midgap(si):
-    es = B.electronic_structure(si, mesh=(6, 6, 6))
+    es = B.electronic_structure(si, mesh=(6, 6, 6), smearing_eV=0.05)
     f = es.fermi
     assert not f.is_metal and f.gap_eV > 0.3
     assert f.vbm_eV < f.fermi_level_eV < f.cbm_eV
