@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from train_support import LossRecorder, compose, fit, make_dataset, overrides, read_metrics, run_cli
+from train_support import SHIPPED, LossRecorder, compose, fit, overrides, read_metrics, run_cli
 
 from foundation import keys
+from foundation.data.shards import read_manifest
 from foundation.train.checkpoint import load_inference_checkpoint, load_inference_model
 from foundation.train.config import ConfigError
 from foundation.train.module import NonFiniteLossError
@@ -26,8 +27,9 @@ def _restore_torch_threads():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("shards") / "synth")
+def data() -> Path:
+    """The shipped PySCF PBE shards (real H, S of 16 elements)."""
+    return SHIPPED
 
 
 def test_fit_writes_config_checkpoint_and_inference_export(data, tmp_path):
@@ -42,8 +44,9 @@ def test_fit_writes_config_checkpoint_and_inference_export(data, tmp_path):
     )
     meta = ckpt["foundation"]
     assert meta["config"]["data"]["root"] == str(data)  # resolved run config
-    assert meta["elements"] == ["C", "O", "Si", "Ga", "As"]
-    assert meta["units"]["energy"] == "eV" and meta["basis"]["shells"]["Si"] == [0, 0, 1, 1, 2]
+    manifest = read_manifest(data)
+    assert meta["elements"] == manifest["elements"] and meta["basis"] == manifest["basis"]
+    assert meta["units"]["energy"] == "eV"
     assert meta["code_version"].startswith("0.1.0") and meta["ema"]["updates"] == 8
 
     payload = load_inference_checkpoint(tmp_path / "model.pt")  # torch.load(weights_only=True)
@@ -138,7 +141,7 @@ def test_nan_batch_is_skipped_without_update(data, tmp_path):
         ("+model.num_layer=2", "did you mean 'num_layers'"),
         ("+epochs=3", "Unknown top-level config key 'epochs'"),
         ("+callbacks.model_checkpoint.monitr=x", "did you mean 'monitor'"),
-        ("+model.basis={name:small,shells:{C:[0,1],O:[0,1]}}", "Si, Ga, As that the model's basis"),
+        ("+model.basis={name:small,shells:{Si:[0,1],Ge:[0,1]}}", "Al, P, S, Cl, As, Se, Br, Ag"),
         ("+trainer.gradient_clip_val=1.0", "task.grad_clip_norm"),
         ("strategy=deepspeed_stage_3", "task.ema_decay=null"),
     ],

@@ -53,7 +53,7 @@ def overrides(data_root: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"data.root={data_root}",
         f"paths.output_dir={out}",
-        "data.max_edges=160",
+        "data.max_edges=400",
         "data.steps_per_epoch=4",
         "data.shuffle_buffer=16",
         "trainer.max_epochs=2",
