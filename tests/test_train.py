@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from train_support import SHIPPED, LossRecorder, compose, fit, overrides, read_metrics, run_cli
+from train_support import LossRecorder, compose, fit, overrides, read_metrics, run_cli
 
 from foundation import keys
 from foundation.data.shards import read_manifest
 from foundation.train.checkpoint import load_inference_checkpoint, load_inference_model
 from foundation.train.config import ConfigError
 from foundation.train.module import NonFiniteLossError
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """foundation-train's num_threads is process-global: give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data() -> Path:
-    """The shipped PySCF PBE shards (real H, S of 16 elements)."""
-    return SHIPPED
 
 
 def test_fit_writes_config_checkpoint_and_inference_export(data, tmp_path):

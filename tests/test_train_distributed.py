@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import SHIPPED, compose, overrides, read_metrics, run_cli, train_losses
+from train_support import compose, overrides, read_metrics, run_cli, train_losses
 
 from foundation.data.graph import collate_graphs, record_to_graph
 
@@ -25,20 +25,6 @@ RUN = [
     "task.ema_decay=null",
     "callbacks.figures=null",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """foundation-train's num_threads is process-global: give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data() -> Path:
-    """The shipped PySCF PBE shards (real H, S of 16 elements)."""
-    return SHIPPED
 
 
 def single_process_global_batch_loss(data: Path, tmp: Path) -> float:
