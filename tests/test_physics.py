@@ -222,6 +222,37 @@ def test_sparse_matches_dense(si):
         assert SP.count_below(h, s, sigma) == np.count_nonzero(dense < sigma)
 
 
+def test_nested_dissection_lu_matches_dense(si):
+    """The direct solver's ordering: a permutation keeping each atom's orbitals together; the
+    LU of the permuted H − σS solves the unpermuted system, gives the dense eigenvalues near σ
+    and, with diagonal pivots only, the dense count of eigenvalues below σ."""
+    sc = si.supercell((4, 4, 4))  # 128 atoms, 512 orbitals
+    lay = sc.layout
+    order = SP.nested_dissection_order(lay)
+    np.testing.assert_array_equal(np.sort(order), np.arange(sc.n_orb))
+    position = np.argsort(order)  # old orbital → new position
+    for a in range(len(lay.n_orb)):
+        pos = position[lay.orb_offset[a] : lay.orb_offset[a + 1]]
+        np.testing.assert_array_equal(pos, pos[0] + np.arange(lay.n_orb[a]))
+    assert not np.array_equal(order, np.arange(sc.n_orb))
+    dense = np.sort(sc.eigh((0, 0, 0)))
+    n_occ = int(sc.n_electrons) // 2
+    sigma = 0.5 * (dense[n_occ - 1] + dense[n_occ])
+    h, s = SP.assemble_hs(sc)
+    a = (h - sigma * s).tocsr()
+    b = np.random.default_rng(1).normal(size=sc.n_orb)
+    x = SP.Factorization(a, order).solve(b)
+    assert np.linalg.norm(a @ x - b) < 1e-9 * np.linalg.norm(b)
+    pairs = SP.eigs_near(sc, sigma, n=20, solver="direct", matrices=(h, s))
+    nearest = np.sort(dense[np.argsort(np.abs(dense - sigma))[:20]])
+    np.testing.assert_allclose(pairs.values, nearest, atol=1e-8)
+    assert 0 < pairs.factor_entries <= sc.n_orb * (sc.n_orb + 1) and pairs.residual < 1e-8
+    for sig in (dense[100] + 1e-3, sigma, dense[400] - 1e-3):
+        expected = np.count_nonzero(dense < sig)
+        assert SP.count_below(h, s, sig, order) == expected
+        assert SP.count_below(h, s, sig) == expected  # ordering from the matrix graph
+
+
 def test_sparse_fermi_level_matches_dense_gamma(si):
     sc = si.supercell((2, 2, 2))
     dense = np.sort(sc.eigh((0, 0, 0)))

@@ -6,12 +6,20 @@
   number of atoms: nothing of size N_orb² is ever allocated.
 * `eigs_near` returns the eigenpairs of H c = ε S c closest to an energy σ with ARPACK in
   shift-invert mode (``scipy.sparse.linalg.eigsh(H, k, M=S, sigma=σ)``). (H − σS)⁻¹ is
-  applied either by one sparse LU (SuperLU, minimum-degree ordering of Aᵀ+A: exact, fast
-  up to a few thousand orbitals, but its fill grows superlinearly for a 3-D solid) or by
-  MINRES (memory linear in N: only H, S and a few vectors), followed by a Rayleigh–Ritz
-  step with the exact matrices. `scripts/bench_physics.py` measures both.
+  applied either by one sparse LU (`Factorization`: exact) or by MINRES (memory linear in N:
+  only H, S and a few vectors), followed by a Rayleigh–Ritz step with the exact matrices.
+  `scripts/bench_physics.py` measures both.
+* Fill-reducing ordering (`nested_dissection_order`): H − σS of a 3-D solid is a 3-D mesh
+  with a long interaction range (9 Å edges: ~160 neighbours per atom), on which minimum
+  degree fills in badly. METIS nested dissection of the *atom* graph (vertex weight = the
+  atom's orbital count), expanded to orbitals with each atom's orbitals kept together, is
+  applied as a symmetric permutation and SuperLU factors the permuted matrix in its natural
+  order, in symmetric mode (diagonal pivots preferred), so the factor stays LDLᵀ-shaped.
+  Asymptotically that costs O(N²) time and O(N^{4/3}) memory for a 3-D solid (minimum
+  degree: worse); measured against minimum degree in bench_results/bench_physics.json.
 * `count_below` counts eigenvalues below σ from the inertia of H − σS (Sylvester's law:
-  S positive definite ⇒ #negative pivots of the LDLᵀ of H − σS = #ε < σ), so the Fermi
+  S positive definite ⇒ #negative pivots of the LDLᵀ of H − σS = #ε < σ; a symmetric
+  permutation is a congruence, so the ordering leaves the inertia unchanged), so the Fermi
   level of an insulator can be bracketed by bisection on the electron count without any
   dense diagonalization (`fermi_level_sparse`).
 * The small-system path is the dense solver, `BlochHamiltonian.eigh`; tests check the two
@@ -24,14 +32,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pymetis
 import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from foundation.physics.kspace import BlochHamiltonian, overlap_error
+from foundation.physics.kspace import BlochHamiltonian, BlockLayout, overlap_error
 
-ORDERING = "MMD_AT_PLUS_A"
-"""SuperLU column ordering: minimum degree on Aᵀ+A suits the symmetric pattern of H − σS."""
+PIVOT_THRESHOLD = 0.01
+"""Symmetric-mode SuperLU takes the diagonal pivot unless it is below this fraction of the
+column's largest entry (then a row swap keeps the solve stable at slightly more fill).
+`count_below` uses 0: only diagonal pivots give the inertia."""
 
 
 def assemble(
@@ -58,29 +69,94 @@ def assemble_hs(
     return assemble(ham, k, "h"), assemble(ham, k, "s")
 
 
-def factorize(a: sp.spmatrix, symmetric: bool = False):
-    """SuperLU factorization of a sparse square matrix (CSC internally).
+def nested_dissection(graph: sp.csr_matrix, weights: np.ndarray | None = None) -> np.ndarray:
+    """METIS nested-dissection ordering of an undirected graph given by the pattern of a
+    symmetric sparse matrix (diagonal ignored); ``weights`` per vertex. Returns ``perm``
+    (new position → old index)."""
+    graph = sp.csr_matrix(graph, copy=True)
+    graph.setdiag(0)
+    graph.eliminate_zeros()
+    graph.sort_indices()
+    perm, _ = pymetis.nested_dissection(
+        adjacency=pymetis.CSRAdjacency(graph.indptr, graph.indices),
+        vweights=None if weights is None else np.asarray(weights, dtype=np.int64),
+    )
+    return np.asarray(perm, dtype=np.int64)
 
-    ``symmetric``: symmetric mode with diagonal pivots only, so the factor is LDLᵀ-like and
-    its pivots give the inertia (used by `count_below`).
+
+def nested_dissection_order(layout: BlockLayout) -> np.ndarray:
+    """Fill-reducing orbital permutation (new position → old orbital) of any X(k) on this block
+    layout: nested dissection of the atom graph (an edge per pair of atoms with a block, vertex
+    weight = orbital count), each atom's orbitals contiguous and in their own order."""
+    n_atoms = len(layout.n_orb)
+    i, j = layout.edges[:, 0], layout.edges[:, 1]
+    off = i != j
+    ones = np.ones(int(off.sum()), dtype=np.int8)
+    graph = sp.csr_matrix((ones, (i[off], j[off])), shape=(n_atoms, n_atoms))
+    atoms = nested_dissection(graph + graph.T, layout.n_orb)
+    counts = layout.n_orb[atoms]
+    start_new = np.cumsum(counts) - counts  # first position of each atom in the new order
+    within = np.arange(int(counts.sum())) - np.repeat(start_new, counts)
+    return np.repeat(layout.orb_offset[atoms], counts) + within
+
+
+class Factorization:
+    """Sparse LU of A = H − σS after a symmetric fill-reducing permutation: P A Pᵀ = L U
+    (SuperLU, natural order, symmetric mode), so A x = b is solved as x[order] = U⁻¹L⁻¹ b[order].
+
+    ``order`` (new position → old index) defaults to the nested dissection of A's own graph
+    (orbital level); pass `nested_dissection_order` of the block layout when it is known (the
+    atom graph is ~n_orb² times smaller). ``pivot_threshold`` as in `PIVOT_THRESHOLD`.
     """
-    a = sp.csc_matrix(a)
-    if symmetric:
-        return spla.splu(
-            a, permc_spec=ORDERING, diag_pivot_thresh=0.0, options={"SymmetricMode": True}
+
+    def __init__(
+        self,
+        a: sp.spmatrix,
+        order: np.ndarray | None = None,
+        pivot_threshold: float = PIVOT_THRESHOLD,
+    ):
+        a = sp.csr_matrix(a)
+        self.order = nested_dissection(a) if order is None else np.asarray(order)
+        self.lu = spla.splu(
+            a[self.order][:, self.order].tocsc(),
+            permc_spec="NATURAL",
+            diag_pivot_thresh=pivot_threshold,
+            options={"SymmetricMode": True},
         )
-    return spla.splu(a, permc_spec=ORDERING)
+
+    @property
+    def diagonal_pivots(self) -> bool:
+        """Whether every pivot was a diagonal entry (then U's diagonal gives the inertia)."""
+        return bool(np.array_equal(self.lu.perm_r, self.lu.perm_c))
+
+    @property
+    def fill(self) -> int:
+        """Entries SuperLU stores for L (supernodes, dense within) and U: the factor's memory
+        is ∝ this. (``lu.L``/``lu.U`` would build copies of the factor to count them.)"""
+        return int(self.lu.nnz)
+
+    def negative_pivots(self) -> int:
+        """Negative entries of U's diagonal (real parts): with `diagonal_pivots`, the number
+        of negative eigenvalues of A (Sylvester). Builds a copy of U to read them."""
+        return int(np.count_nonzero(self.lu.U.diagonal().real < 0))
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        y = self.lu.solve(b[self.order])
+        x = np.empty_like(y)
+        x[self.order] = y
+        return x
 
 
 DIRECT_MAX_ORBITALS = 3000
-"""`eigs_near` solver="auto": sparse LU up to this many orbitals, MINRES beyond (the LU of a
-3-D solid fills in superlinearly: measured ~25 s at 4k orbitals, ~400 s at 16k)."""
+"""`eigs_near` solver="auto": sparse LU up to this many orbitals, MINRES beyond."""
 
 
 @dataclass
 class Eigenpairs:
     """Eigenvalues (eV, ascending) and S-orthonormal eigenvectors (columns) near ``sigma``;
-    ``residual`` = max_n ‖H c_n − ε_n S c_n‖ (eV) of the returned pairs."""
+    ``residual`` = max_n ‖H c_n − ε_n S c_n‖ (eV) of the returned pairs; ``n_solves``
+    applications of (H − σS)⁻¹, ``inner_iterations`` of MINRES in all, ``factor_entries``
+    stored entries of the sparse LU (direct solver; its memory ∝ this)."""
 
     values: np.ndarray
     vectors: np.ndarray | None
@@ -90,15 +166,19 @@ class Eigenpairs:
     residual: float = float("nan")
     n_solves: int = 0
     inner_iterations: int = 0
+    factor_entries: int = 0
 
 
-def _shift_invert_operator(a: sp.csr_matrix, solver: str, inner_tol: float):
-    """(H − σS)⁻¹ as a LinearOperator: sparse LU (exact) or MINRES (memory linear in N).
-    Returns (operator, counts) with counts = [applications, MINRES iterations]."""
-    counts = [0, 0]
+def _shift_invert_operator(a: sp.csr_matrix, solver: str, inner_tol: float, layout: BlockLayout):
+    """(H − σS)⁻¹ as a LinearOperator: sparse LU (exact; ordered by nested dissection of the
+    atom graph of ``layout``) or MINRES (memory linear in N).
+    Returns (operator, counts) with counts = [applications, MINRES iterations, stored entries
+    of the LU factor (0 for MINRES)]."""
+    counts = [0, 0, 0]
     n = a.shape[0]
     if solver == "direct":
-        lu = factorize(a)
+        lu = Factorization(a, nested_dissection_order(layout))
+        counts[2] = lu.fill
 
         def solve(b: np.ndarray) -> np.ndarray:
             counts[0] += 1
@@ -152,9 +232,13 @@ def eigs_near(
     n = min(n, h.shape[0] - 1)
     if solver == "auto":
         solver = "direct" if h.shape[0] <= DIRECT_MAX_ORBITALS else "iterative"
-    op_inv, counts = _shift_invert_operator((h - sigma * s).tocsr(), solver, inner_tol)
+    op_inv, counts = _shift_invert_operator((h - sigma * s).tocsr(), solver, inner_tol, ham.layout)
+    rng = np.random.default_rng(0)  # a fixed start vector: reproducible Lanczos runs
+    v0 = rng.normal(size=h.shape[0])
+    if np.iscomplexobj(h.data):
+        v0 = v0 + 1j * rng.normal(size=h.shape[0])
     try:
-        w, v = spla.eigsh(h, k=n, M=s, sigma=sigma, which=which, OPinv=op_inv, tol=tol)
+        w, v = spla.eigsh(h, k=n, M=s, sigma=sigma, which=which, OPinv=op_inv, tol=tol, v0=v0)
     except (spla.ArpackError, spla.ArpackNoConvergence, ValueError) as exc:
         s_min = smallest_overlap_eigenvalue(s)
         if s_min <= 0:
@@ -185,17 +269,19 @@ def smallest_overlap_eigenvalue(s: sp.spmatrix) -> float:
     return float(w[0])
 
 
-def count_below(h: sp.spmatrix, s: sp.spmatrix, sigma: float) -> int:
+def count_below(
+    h: sp.spmatrix, s: sp.spmatrix, sigma: float, order: np.ndarray | None = None
+) -> int:
     """Number of eigenvalues of H c = ε S c below ``sigma`` (Sylvester inertia of H − σS).
 
-    Raises RuntimeError if SuperLU had to pivot off the diagonal (then the pivots do not
-    give the inertia); move sigma slightly and retry.
+    ``order``: fill-reducing permutation as in `Factorization` (default: nested dissection
+    of the matrix graph). Raises RuntimeError if SuperLU had to pivot off the diagonal (then
+    the pivots do not give the inertia); move sigma slightly and retry.
     """
-    lu = factorize(h - sigma * s, symmetric=True)
-    if not np.array_equal(lu.perm_r, lu.perm_c):
+    lu = Factorization(h - sigma * s, order, pivot_threshold=0.0)
+    if not lu.diagonal_pivots:
         raise RuntimeError(f"off-diagonal pivoting at σ = {sigma:.6f} eV; inertia unavailable.")
-    d = lu.U.diagonal()
-    return int(np.count_nonzero(d.real < 0))
+    return lu.negative_pivots()
 
 
 def fermi_level_sparse(
@@ -213,14 +299,16 @@ def fermi_level_sparse(
     (n_electrons / 2, spin-degenerate) or the bracket is narrower than ``tol_eV``; then one
     shift-invert solve at σ gives the highest occupied and lowest unoccupied levels. For an
     insulator E_F = midgap (VBM + CBM)/2, as in `foundation.physics.bands.fermi_level`.
-    Each bisection step is one sparse LU (superlinear fill): practical up to a few thousand
-    orbitals; for larger cells pass the energy of interest to `eigs_near` directly.
+    Each bisection step is one sparse LU (nested-dissection order, shared by all steps): a
+    few seconds at 10³ orbitals but minutes at 2·10⁴ (bench_results/bench_physics.json); for
+    the largest cells pass the energy of interest to `eigs_near` directly.
     """
     n_el = ham.n_electrons if n_electrons is None else float(n_electrons)
     if n_el is None:
         raise ValueError(f"{ham.key}: electron count unknown; pass n_electrons.")
     n_occ = n_el / 2.0
     h, s = assemble_hs(ham) if matrices is None else matrices
+    order = nested_dissection_order(ham.layout)
     if window is None:  # Gershgorin bounds of S⁻¹H are loose; use the extreme Lanczos values
         lo = float(spla.eigsh(h, k=1, M=s, which="SA", tol=1e-3, return_eigenvectors=False)[0])
         hi = float(spla.eigsh(h, k=1, M=s, which="LA", tol=1e-3, return_eigenvectors=False)[0])
@@ -232,10 +320,10 @@ def fermi_level_sparse(
         mid = 0.5 * (lo + hi)
         steps += 1
         try:
-            c = count_below(h, s, mid)
+            c = count_below(h, s, mid, order)
         except RuntimeError:
             mid += 1e-3 * (hi - lo)
-            c = count_below(h, s, mid)
+            c = count_below(h, s, mid, order)
         if c < n_occ:
             lo = mid
         elif c > n_occ:
@@ -245,7 +333,7 @@ def fermi_level_sparse(
             break
     sigma = 0.5 * (lo + hi)
     w = eigs_near(ham, sigma, n=8, vectors=False, which="BE", matrices=(h, s)).values
-    below = count_below(h, s, sigma)
+    below = count_below(h, s, sigma, order)
     out = {"sigma_eV": sigma, "bisection_steps": steps, "n_below_sigma": below}
     if below == n_occ and (w < sigma).any() and (w > sigma).any():
         vbm, cbm = float(w[w < sigma].max()), float(w[w > sigma].min())
