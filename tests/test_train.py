@@ -194,3 +194,5 @@ def test_multirun_sweep_runs_each_job_in_its_own_directory(data, tmp_path):
         rows = read_metrics(sweep / job)
         assert any("train/loss" in r for r in rows)
         assert (sweep / job / ".hydra" / "overrides.yaml").read_text().count(f"task.lr={lr}") == 1
+        val_mae = next(r["val/mae_meV"] for r in reversed(rows) if "val/mae_meV" in r)
+        assert f"val H MAE {val_mae:.2f} meV" in (sweep / job / "cli.log").read_text()

@@ -8,13 +8,17 @@ anything trains, with exit status 2 and a message that names the key or path and
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def config_dir() -> str:
@@ -143,12 +147,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    fit_s = time.perf_counter() - start
     if cfg.test:
         for result in trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero):
             metrics.update({k: float(v) for k, v in result.items()})
+    if trainer.is_global_zero:
+        log.info(summary(metrics, trainer.global_step, fit_s, Path(cfg.paths.output_dir)))
     return metrics
+
+
+def summary(metrics: dict[str, float], steps: int, fit_s: float, out: Path) -> str:
+    """One line that ends a run: last validation and test MAE of H (meV), steps, wall time."""
+    parts = [f"{steps} steps in {fit_s / 60:.1f} min"]
+    for split in ("val", "test"):
+        if f"{split}/mae_meV" in metrics:
+            detail = ", ".join(
+                f"{part} {metrics[key]:.1f}"
+                for part, key in (
+                    ("on-site", f"{split}/mae_h_onsite_meV"),
+                    ("off-site", f"{split}/mae_h_offsite_meV"),
+                )
+                if key in metrics
+            )
+            parts.append(f"{split} H MAE {metrics[f'{split}/mae_meV']:.2f} meV ({detail})")
+    return f"Finished: {'; '.join(parts)}. Run directory: {out}"
 
 
 def user_error(exc: BaseException) -> Exception | None:
