@@ -17,7 +17,9 @@ under another name and checked against it with `foundation.testing`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,48 @@ class EdgeGeometry:
     vectors: torch.Tensor  # (E', 3) r_ij in Å, e3nn frame (y, z, x)
     sh: torch.Tensor  # (E', irreps_sh.dim) spherical harmonics of r_ij ('component' norm)
     radial: torch.Tensor  # (E', num_basis) Bessel × envelope
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+    def __getitem__(self, edges: slice) -> EdgeGeometry:
+        """The geometry of a contiguous run of these edges (views, no copies)."""
+        return EdgeGeometry(
+            **{f.name: getattr(self, f.name)[edges] for f in dataclasses.fields(self)}
+        )
+
+
+def edge_slices(n_edges: int, edge_chunk: int | None) -> list[slice]:
+    """Consecutive slices of at most ``edge_chunk`` edges covering ``range(n_edges)``; a single
+    slice when ``edge_chunk`` is None (no chunking)."""
+    if edge_chunk is not None and edge_chunk < 1:
+        raise ValueError(f"edge_chunk must be a positive number of edges, got {edge_chunk}.")
+    if edge_chunk is None or edge_chunk >= n_edges:
+        return [slice(0, n_edges)]
+    return [slice(s, min(s + edge_chunk, n_edges)) for s in range(0, n_edges, edge_chunk)]
+
+
+def map_edge_chunks(
+    fn: Callable[[slice, EdgeGeometry], torch.Tensor],
+    geometry: EdgeGeometry,
+    edge_chunk: int | None,
+) -> torch.Tensor:
+    """``fn(edges, geometry[edges])`` for consecutive chunks of edges, stacked along dim 0.
+
+    Per-edge work (convolutions, gates) then only ever holds one chunk of intermediates, so
+    inference memory is linear in the number of edges with a working set bounded by
+    ``edge_chunk``; None is one call on all edges (training, autograd).
+    """
+    parts = edge_slices(len(geometry), edge_chunk)
+    if len(parts) == 1:
+        return fn(parts[0], geometry[parts[0]])
+    out = None
+    for edges in parts:
+        y = fn(edges, geometry[edges])
+        if out is None:
+            out = y.new_empty((len(geometry), *y.shape[1:]))
+        out[edges] = y
+    return out
 
 
 def edge_vectors(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -266,15 +310,29 @@ class InteractionLayer(nn.Module):
         self.edge_update = GatedLinear(edge, edge)
 
     def forward(
-        self, x: torch.Tensor, e: torch.Tensor, geometry: EdgeGeometry
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        geometry: EdgeGeometry,
+        edge_chunk: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        src, dst = geometry.src, geometry.dst
-        messages = self.msg_conv(self.msg_src(x)[dst] + self.msg_edge(e), geometry)
-        aggregated = torch.zeros_like(x).index_add(0, src, messages) / self.avg_num_neighbors
-        x = x + self.node_update(aggregated + self.node_self(x))
-        pair = self.edge_src(x)[src] + self.edge_dst(x)[dst] + self.edge_self(e)
-        e = e + self.edge_update(self.edge_conv(pair, geometry))
-        return x, e
+        """(x, e) → updated (x, e); per-edge work in chunks of ``edge_chunk`` edges (None:
+        all at once). Messages of each chunk are summed into the nodes before the node update,
+        so the result does not depend on the chunking (up to the order of float additions)."""
+        sent = self.msg_src(x)
+        aggregated = torch.zeros_like(x)
+        for edges in edge_slices(len(geometry), edge_chunk):
+            g = geometry[edges]
+            messages = self.msg_conv(sent[g.dst] + self.msg_edge(e[edges]), g)
+            aggregated = aggregated.index_add(0, g.src, messages)
+        x = x + self.node_update(aggregated / self.avg_num_neighbors + self.node_self(x))
+        x_src, x_dst = self.edge_src(x), self.edge_dst(x)
+
+        def update_edges(edges: slice, g: EdgeGeometry) -> torch.Tensor:
+            pair = x_src[g.src] + x_dst[g.dst] + self.edge_self(e[edges])
+            return e[edges] + self.edge_update(self.edge_conv(pair, g))
+
+        return x, map_edge_chunks(update_edges, geometry, edge_chunk)
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -373,14 +431,20 @@ class Backbone(nn.Module):
         )
         return onsite, geometry
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> BackboneOutput:
+    def forward(
+        self, batch: dict[str, torch.Tensor], edge_chunk: int | None = None
+    ) -> BackboneOutput:
+        """Features of ``batch``; ``edge_chunk`` bounds the edges whose intermediates are alive
+        at once (large cells at inference; None = all edges in one go)."""
         onsite, geometry = self.geometry(batch)
         species = self.species_index[batch[keys.NUMBERS]]
         x = self.embedding(nn.functional.one_hot(species, len(self.elements)).to(geometry.sh))
-        pair = self.edge_embedding_src(x)[geometry.src] + self.edge_embedding_dst(x)[geometry.dst]
-        e = self.edge_embedding(pair, geometry)
+        x_src, x_dst = self.edge_embedding_src(x), self.edge_embedding_dst(x)
+        e = map_edge_chunks(
+            lambda _, g: self.edge_embedding(x_src[g.src] + x_dst[g.dst], g), geometry, edge_chunk
+        )
         for layer in self.layers:
-            x, e = layer(x, e, geometry)
+            x, e = layer(x, e, geometry, edge_chunk)
         edge = e.new_zeros(onsite.shape[0], e.shape[1]).index_copy(0, geometry.edge_ids, e)
         return BackboneOutput(node=x, edge=edge, onsite=onsite, geometry=geometry)
 
@@ -395,7 +459,9 @@ __all__ = [
     "InteractionLayer",
     "RadialBasis",
     "TensorProductConvolution",
+    "edge_slices",
     "edge_vectors",
     "make_convolution",
+    "map_edge_chunks",
     "onsite_flags",
 ]

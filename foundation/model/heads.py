@@ -1,9 +1,11 @@
 """Heads: backbone features → padded universal blocks (E, n_uni, n_uni) per target.
 
-A head is any module ``head(features: BackboneOutput, batch) -> Tensor`` returning padded
-blocks for every edge of the batch; `UniversalHamiltonianModel.add_head` attaches new ones
-(fine-tuning on new targets) without touching the backbone. `BlockHead` is the one used for
-H and S (separate instances, separate weights):
+A head is any module ``head(features: BackboneOutput, batch, edges=None) -> Tensor``
+returning padded blocks for every edge of the batch, or for the contiguous run ``edges`` (a
+slice) of them (chunked inference on large cells, `UniversalHamiltonianModel.predict_chunks`);
+`UniversalHamiltonianModel.add_head` attaches new ones (fine-tuning on new targets) without
+touching the backbone. `BlockHead` is the one used for H and S (separate instances, separate
+weights):
 
 * on-site edges (i, i, 0): irreps from node features of atom i;
 * every other edge: irreps from that edge's features;
@@ -64,13 +66,36 @@ class BlockHead(nn.Module):
         self.offsite = linear(self.irreps_edge, self.irreps_out)
         self.register_buffer("scale", torch.tensor(float(scale)))
 
-    def forward(self, features: BackboneOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        src, dst = batch[keys.EDGE_INDEX]
-        onsite = features.onsite[:, None]
-        irreps = torch.where(onsite, self.onsite(features.node)[src], self.offsite(features.edge))
-        raw = self.blocks.to_blocks(irreps)
-        hermitian = 0.5 * (raw + raw[batch[keys.EDGE_REVERSE]].transpose(-1, -2))
+    def raw_blocks(
+        self, features: BackboneOutput, batch: dict[str, torch.Tensor], edges: slice | torch.Tensor
+    ) -> torch.Tensor:
+        """Unsymmetrised blocks (n, n_uni, n_uni) of the edges selected by ``edges``."""
+        src = batch[keys.EDGE_INDEX][0, edges]
+        onsite = features.onsite[edges, None]
+        irreps = torch.where(
+            onsite, self.onsite(features.node)[src], self.offsite(features.edge[edges])
+        )
+        return self.blocks.to_blocks(irreps)
+
+    def forward(
+        self,
+        features: BackboneOutput,
+        batch: dict[str, torch.Tensor],
+        edges: slice | None = None,
+    ) -> torch.Tensor:
+        """Blocks of all edges, or of the slice ``edges`` of them; the reverse edges' raw
+        blocks are then recomputed rather than looked up, so a chunk needs nothing else."""
+        reverse = batch[keys.EDGE_REVERSE]
+        if edges is None:
+            edges = slice(None)
+            raw = self.raw_blocks(features, batch, edges)
+            raw_reverse = raw[reverse]
+        else:
+            raw = self.raw_blocks(features, batch, edges)
+            raw_reverse = self.raw_blocks(features, batch, reverse[edges])
+        hermitian = 0.5 * (raw + raw_reverse.transpose(-1, -2))
         numbers = batch[keys.NUMBERS]
+        src, dst = batch[keys.EDGE_INDEX][:, edges]
         mask = self.blocks.pair_mask(numbers[src], numbers[dst])
         return torch.where(mask, hermitian * self.scale.to(raw.dtype), torch.zeros_like(raw))
 

@@ -6,6 +6,8 @@
 
 Each output is (E, n_uni, n_uni) padded blocks in the universal basis of ``basis``
 (eV for H, dimensionless for S), exactly hermitian and exactly zero outside BLOCK_MASK.
+`predict_chunks` yields the same blocks for consecutive runs of edges, with the per-edge work
+of backbone and heads chunked: inference memory linear in the number of edges.
 Build from a config with `build_model` (conf/model/{tiny,base,large}.yaml).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 
 from foundation import keys
 from foundation.basis import BasisSet
-from foundation.model.backbone import CONVOLUTIONS, Backbone, BackboneOutput
+from foundation.model.backbone import CONVOLUTIONS, Backbone, BackboneOutput, edge_slices
 from foundation.model.heads import HEADS
 
 
@@ -68,13 +70,36 @@ class UniversalHamiltonianModel(nn.Module):
                 f"(basis {self.basis.name!r})."
             )
 
-    def features(self, batch: dict[str, torch.Tensor]) -> BackboneOutput:
+    def features(
+        self, batch: dict[str, torch.Tensor], edge_chunk: int | None = None
+    ) -> BackboneOutput:
+        """Backbone features; ``edge_chunk`` as in `Backbone.forward`."""
         self.check_elements(batch[keys.NUMBERS])
-        return self.backbone(batch)
+        return self.backbone(batch, edge_chunk)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         features = self.features(batch)
         return {name: head(features, batch) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict_chunks(
+        self,
+        batch: dict[str, torch.Tensor],
+        edge_chunk: int,
+        names: Sequence[str] | None = None,
+    ) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+        """Inference on a large cell with a bounded working set: yields (edges, {name: blocks
+        of those edges}) for consecutive runs of at most ``edge_chunk`` graph edges.
+
+        The backbone runs its per-edge work in chunks too, so besides the node and edge
+        features (linear in the cell) at most one chunk of intermediates is alive; the blocks
+        equal those of `forward` up to the order of float additions. ``names``: heads to run
+        (default all). No autograd graph is kept.
+        """
+        features = self.features(batch, edge_chunk)
+        heads = {name: self.heads[name] for name in (names or list(self.heads))}
+        for edges in edge_slices(features.onsite.shape[0], edge_chunk):
+            yield edges, {name: head(features, batch, edges) for name, head in heads.items()}
 
 
 # ----------------------------------------------------------------------------- config
