@@ -30,6 +30,10 @@ in eV with ``pyscf.data.nist.HARTREE2EV`` (CODATA), so everything stored is Å/e
 
 `generate_dataset` runs `compute_record` over many structures: process pool, resumable,
 progress bar, one failing structure reported by key without stopping the others.
+
+For electron–phonon coupling, `hamiltonian_derivatives` gives dH(R)/du, dS(R)/du by central
+differences of `compute_record` runs on the reference edges, and `overlap_blocks` /
+`overlap_derivatives` the exact S(R) of any geometry and its derivative at a tiny step.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +56,7 @@ from foundation import keys
 from foundation.basis import BasisSet, convention
 from foundation.data.graph import neighbor_edges
 from foundation.data.record import HamiltonianRecord, RecordError
+from foundation.physics.kspace import flatten_blocks
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +302,85 @@ def _exact_overlap(cell, shifts_frac: np.ndarray) -> np.ndarray:
     return out
 
 
+def _edge_slices(
+    cell, edges: np.ndarray, per_shift: np.ndarray, shift_index: np.ndarray
+) -> Iterator[np.ndarray]:
+    """Per edge (i, j, R): the AO sub-block [atom i, atom j] of ``per_shift[shift_index[e]]``."""
+    sl = cell.aoslice_by_atom()[:, 2:4]
+    for (i, j), r in zip(edges[:, :2], shift_index, strict=True):
+        yield per_shift[r, slice(*sl[i]), slice(*sl[j])]
+
+
+def _package_blocks(
+    cell,
+    basis: BasisSet,
+    symbols: Sequence[str],
+    edges: np.ndarray,
+    per_shift: np.ndarray,
+    shift_index: np.ndarray,
+    weight: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Per-edge blocks w_e · U_i M_ij(R) U_jᵀ in package order from AO matrices M(R) per
+    lattice shift (``per_shift[shift_index[e]]`` belongs to edge e; ``weight`` default 1)."""
+    umats = _ao_to_package(cell, basis, symbols)
+    weight = np.ones(len(edges)) if weight is None else weight
+    return [
+        w * umats[i] @ block @ umats[j].T
+        for (i, j), w, block in zip(
+            edges[:, :2], weight, _edge_slices(cell, edges, per_shift, shift_index), strict=True
+        )
+    ]
+
+
+def overlap_blocks(
+    atoms: ase.Atoms, edges: np.ndarray, basis: str = DEFAULT_BASIS
+) -> list[np.ndarray]:
+    """Exact S_ij(R) (package order, dimensionless) of ``atoms`` on the given edges (E, 5).
+
+    Two-centre integrals, no SCF and no lattice sum: cheap for any geometry, so dS/du by
+    finite differences can use a step far below a DFT one. Positions are used as given (not
+    wrapped), so edges (i, j, R) keep their meaning for displaced copies of a structure.
+    """
+    symbols = atoms.get_chemical_symbols()
+    cell = build_cell(atoms, basis)
+    reg = BasisSet.from_pyscf(basis, sorted(set(symbols)))
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 5)
+    shifts, inverse = np.unique(edges[:, 2:5], axis=0, return_inverse=True)
+    return _package_blocks(
+        cell, reg, symbols, edges, _exact_overlap(cell, shifts), inverse.reshape(-1)
+    )
+
+
+def overlap_derivatives(
+    atoms: ase.Atoms,
+    edges: np.ndarray,
+    patterns: np.ndarray,
+    delta_A: float = 1e-4,
+    basis: str = DEFAULT_BASIS,
+) -> np.ndarray:
+    """(P, total) flat dS(R)/dλ (1/Å for unit Cartesian patterns) on ``edges`` by central
+    differences of `overlap_blocks` at positions τ ± δ·p; ``patterns`` (P, N, 3) as in
+    `hamiltonian_derivatives`. S is analytic in the positions, so δ can be tiny (default
+    1e-4 Å: truncation error ~δ²) — the reference against which DFT-step derivatives and the
+    model's S head are checked."""
+    patterns = np.asarray(patterns, dtype=np.float64).reshape(-1, len(atoms), 3)
+
+    def flat_overlap(positions: np.ndarray) -> np.ndarray:
+        moved = ase.Atoms(numbers=atoms.numbers, positions=positions, cell=atoms.cell, pbc=True)
+        return flatten_blocks(overlap_blocks(moved, edges, basis))
+
+    return np.array(
+        [
+            (
+                flat_overlap(atoms.positions + delta_A * p)
+                - flat_overlap(atoms.positions - delta_A * p)
+            )
+            / (2.0 * delta_A)
+            for p in patterns
+        ]
+    )
+
+
 @dataclass
 class SCFResult:
     """A converged periodic KRKS calculation and the settings it ran with."""
@@ -426,15 +510,11 @@ def record_from_scf(
     s_ft = np.einsum("rk,kab->rab", phase, ovlp_dense.reshape(-1, cell.nao, cell.nao)).real
 
     # 4./5. per-edge blocks in package order
-    umats = _ao_to_package(cell, reg, symbols)
-    sl = cell.aoslice_by_atom()[:, 2:4]
-    h_blocks, s_blocks, alias = [], [], 0.0
-    for e, (i, j) in enumerate(edges[:, :2]):
-        r, w = inverse[e], weight[e]
-        a, b = slice(*sl[i]), slice(*sl[j])
-        h_blocks.append(w * umats[i] @ h_r[r, a, b] @ umats[j].T)
-        s_blocks.append(w * umats[i] @ s_exact[r, a, b] @ umats[j].T)
-        alias = max(alias, float(np.max(np.abs(s_ft[r, a, b] - s_exact[r, a, b]))))
+    h_blocks = _package_blocks(cell, reg, symbols, edges, h_r, inverse, weight)
+    s_blocks = _package_blocks(cell, reg, symbols, edges, s_exact, inverse, weight)
+    alias = float(
+        max(np.max(np.abs(d)) for d in _edge_slices(cell, edges, s_ft - s_exact, inverse))
+    )
 
     # 6. positive definiteness of the truncated overlap
     n_orb = reg.n_orb_array(atoms.numbers)
@@ -504,6 +584,116 @@ def compute_record(
         scf, cutoff_A=cutoff_A, band_kpts_frac=band_kpts_frac, dense_mesh=dense_mesh,
         alias_margin_A=alias_margin_A, min_overlap_eig=min_overlap_eig,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- dH/du
+@dataclass
+class DisplacementDerivatives:
+    """Central finite differences of H(R), S(R) along displacement patterns (eV, Å).
+
+    Structure λ of pattern p has positions τ + λ·p (``patterns`` (P, N, 3), Å per unit λ);
+    ``dh[p]`` = [H(+δ) − H(−δ)] / 2δ of the *absolute* H (energy zero μ restored, PySCF's
+    convention for the G = 0 potential) and ``ds[p]`` likewise for S, as flat arrays in the
+    block layout of ``reference`` (its edges, its order). For unit Cartesian patterns they
+    are dH/du_κα (eV/Å) and dS/du_κα (1/Å). ``plus[p]``/``minus[p]`` are the displaced
+    records themselves (their own edges, e.g. for their ``dft_bands``).
+    """
+
+    reference: HamiltonianRecord
+    patterns: np.ndarray
+    delta_A: float
+    dh: np.ndarray
+    ds: np.ndarray
+    plus: list[HamiltonianRecord]
+    minus: list[HamiltonianRecord]
+
+
+def _blocks_on_edges(
+    record: HamiltonianRecord, edges: np.ndarray, wrap: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat absolute H and S of ``record`` on ``edges`` (E, 5) of a reference structure whose
+    atoms sit at record.positions − wrap·cell (``wrap`` (N, 3) integer: `run_scf` wraps atoms
+    into the cell). Edge (i, j, R) of the reference is (i, j, R + n_i − n_j) in the record:
+    the same pair of orbitals, since τ_j + R·cell − τ_i is unchanged."""
+    lookup = {tuple(e): k for k, e in enumerate(record.edges.tolist())}
+    mapped = edges.copy()
+    mapped[:, 2:5] += wrap[edges[:, 0]] - wrap[edges[:, 1]]
+    missing = [tuple(e) for e in mapped.tolist() if tuple(e) not in lookup]
+    if missing:
+        raise RecordError(
+            f"{record.key}: {len(missing)} reference edges (e.g. {list(missing[0])}) are not "
+            "in the displaced record; its cutoff must exceed the reference's by the displacement."
+        )
+    ids = np.array([lookup[tuple(e)] for e in mapped.tolist()], dtype=np.int64)
+    off = record.block_offsets
+    flat = np.concatenate([np.arange(off[k], off[k + 1]) for k in ids])
+    return record.absolute_h()[flat], record.s.astype(np.float64)[flat]
+
+
+def hamiltonian_derivatives(
+    atoms: ase.Atoms,
+    patterns: np.ndarray,
+    *,
+    key: str = "displaced",
+    delta_A: float = 0.01,
+    **compute_kwargs,
+) -> DisplacementDerivatives:
+    """dH(R)/dλ, dS(R)/dλ along displacement patterns by central differences of PySCF runs.
+
+    ``patterns`` (P, N, 3): structure λ has positions τ + λ·p (Å); unit Cartesian patterns
+    (`foundation.physics.eph.cartesian_displacements`) give dH/du_κα in eV/Å. Each pattern
+    costs two `compute_record` runs at λ = ±δ (``delta_A``, Å), besides the reference run.
+    ``compute_kwargs`` go to `compute_record` for all runs.
+
+    The derivative lives on the reference record's edges. A displaced structure may gain or
+    lose edges at the cutoff, so the displaced runs use the cutoff plus the largest change of
+    an edge length and are then restricted to the reference edges (edges they gain are
+    dropped); they reuse the reference's SCF and dense k-meshes, so H(R) is Fourier-resolved
+    identically. A reference edge tied with another image on the Wigner–Seitz boundary of the
+    BvK supercell (weight < 1) would jump under displacement: that raises a ValueError (raise
+    ``alias_margin_A`` or pass a larger ``dense_mesh``).
+    """
+    patterns = np.asarray(patterns, dtype=np.float64).reshape(-1, len(atoms), 3)
+    reference = compute_record(atoms, key=key, **compute_kwargs)
+    cell = reference.cell
+    weight = wigner_seitz_weights(reference.edge_vectors(), cell, reference.meta["dense_kmesh"])
+    if np.any(weight < 1.0):
+        bad = reference.edges[int(np.argmin(weight))].tolist()
+        raise ValueError(
+            f"{key}: edge {bad} lies on the Wigner–Seitz boundary of the BvK supercell "
+            "(weight < 1); its block is not a smooth function of the positions."
+        )
+    stretch = 2.0 * delta_A * float(np.max(np.linalg.norm(patterns, axis=2)))
+    displaced_kwargs = compute_kwargs | {
+        "cutoff_A": reference.meta["edge_cutoff_A"] + stretch + 1e-6,
+        "kmesh": tuple(reference.meta["kmesh"]),
+        "dense_mesh": tuple(reference.meta["dense_kmesh"]),
+    }
+    inv_cell = np.linalg.inv(cell)
+    plus, minus, blocks = [], [], []
+    for p, pattern in enumerate(patterns):
+        for sign, store in ((1.0, plus), (-1.0, minus)):
+            positions = reference.positions + sign * delta_A * pattern
+            moved = ase.Atoms(
+                numbers=reference.numbers, positions=positions, cell=cell, pbc=reference.pbc
+            )
+            rec = compute_record(
+                moved, key=f"{key}-p{p}{'+' if sign > 0 else '-'}", **displaced_kwargs
+            )
+            wrap = np.rint((rec.positions - positions) @ inv_cell).astype(np.int64)
+            store.append(rec)
+            blocks.append(_blocks_on_edges(rec, reference.edges.astype(np.int64), wrap))
+    h = np.array([b[0] for b in blocks]).reshape(len(patterns), 2, -1)
+    s = np.array([b[1] for b in blocks]).reshape(len(patterns), 2, -1)
+    return DisplacementDerivatives(
+        reference=reference,
+        patterns=patterns,
+        delta_A=float(delta_A),
+        dh=(h[:, 0] - h[:, 1]) / (2.0 * delta_A),
+        ds=(s[:, 0] - s[:, 1]) / (2.0 * delta_A),
+        plus=plus,
+        minus=minus,
+    )
 
 
 # ----------------------------------------------------------------------------- datasets
