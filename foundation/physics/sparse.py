@@ -16,7 +16,10 @@
   applied as a symmetric permutation and SuperLU factors the permuted matrix in its natural
   order, in symmetric mode (diagonal pivots preferred), so the factor stays LDLᵀ-shaped.
   Asymptotically that costs O(N²) time and O(N^{4/3}) memory for a 3-D solid (minimum
-  degree: worse); measured against minimum degree in bench_results/bench_physics.json.
+  degree: worse). Measured on Si supercells (bench_results/bench_physics.json) the 9 Å
+  range keeps the separators a large part of the cell up to 10⁴ atoms: 20 eigenpairs take
+  time ∝ N^2.2 and the factor's entries grow ∝ N^1.7 between 2000 and 9826 atoms; at 2000
+  atoms the LU takes 0.70× the time and 0.82× the entries of minimum degree (MMD_AT_PLUS_A).
 * `count_below` counts eigenvalues below σ from the inertia of H − σS (Sylvester's law:
   S positive definite ⇒ #negative pivots of the LDLᵀ of H − σS = #ε < σ; a symmetric
   permutation is a congruence, so the ordering leaves the inertia unchanged), so the Fermi
@@ -147,8 +150,12 @@ class Factorization:
         return x
 
 
-DIRECT_MAX_ORBITALS = 3000
-"""`eigs_near` solver="auto": sparse LU up to this many orbitals, MINRES beyond."""
+DIRECT_MAX_ORBITALS = 60_000
+"""`eigs_near` solver="auto": sparse LU up to this many orbitals, MINRES beyond. Measured on
+Si with 9 Å edges (bench_results/bench_physics.json, one core): 20 eigenpairs in 18 min and
+8.9 GB at 39 304 orbitals, where MINRES takes ~1.5 min per solve (~135 solves: hours). The
+LU's memory grows ~N^1.7 there, so it would pass 24 GB near 7·10⁴ orbitals; beyond this
+bound the linear-memory MINRES is the one that fits."""
 
 
 @dataclass
@@ -299,9 +306,10 @@ def fermi_level_sparse(
     (n_electrons / 2, spin-degenerate) or the bracket is narrower than ``tol_eV``; then one
     shift-invert solve at σ gives the highest occupied and lowest unoccupied levels. For an
     insulator E_F = midgap (VBM + CBM)/2, as in `foundation.physics.bands.fermi_level`.
-    Each bisection step is one sparse LU (nested-dissection order, shared by all steps): a
-    few seconds at 10³ orbitals but minutes at 2·10⁴ (bench_results/bench_physics.json); for
-    the largest cells pass the energy of interest to `eigs_near` directly.
+    Each bisection step is one sparse LU (nested-dissection order, shared by all steps):
+    seconds at 4·10³ orbitals, while at 4·10⁴ one LU and its ~135 solves in `eigs_near` took
+    18 min on one core (bench_results/bench_physics.json); for the largest cells pass the
+    energy of interest to `eigs_near` directly (one LU).
     """
     n_el = ham.n_electrons if n_electrons is None else float(n_electrons)
     if n_el is None:
