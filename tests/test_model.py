@@ -329,7 +329,9 @@ def test_presets_build_from_yaml_and_omegaconf():
     assert model.config["name"] == "tiny" and model.config["basis"]["name"] == "test-spd"
     n = count_parameters(model)
     assert n < 500_000, n
-    assert model.elements == ["O", "Na", "Cl", "Ti"] and model.cutoff_A == preset("tiny")["cutoff_A"]
+    assert (
+        model.elements == ["O", "Na", "Cl", "Ti"] and model.cutoff_A == preset("tiny")["cutoff_A"]
+    )
     assert isinstance(model.heads, torch.nn.ModuleDict) and set(model.heads) == {keys.H, keys.S}
 
 
