@@ -24,9 +24,7 @@ def test_fit_writes_config_checkpoint_and_inference_export(data, tmp_path):
     losses = [loss for _, loss in rec.losses]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
 
-    ckpt = torch.load(
-        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     meta = ckpt["foundation"]
     assert meta["config"]["data"]["root"] == str(data)  # resolved run config
     manifest = read_manifest(data)
