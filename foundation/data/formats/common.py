@@ -199,6 +199,33 @@ def rebase_blocks(
 
 
 # ------------------------------------------------------------------------------ basis
+def read_h_and_s(
+    folder: Path,
+    names: tuple[str, str],
+    read: Callable[[Path], dict[BlockKey, np.ndarray]],
+    *,
+    fmt: str,
+    fix: str,
+    require_overlap: bool,
+    overlap_fix: str,
+) -> tuple[dict[BlockKey, np.ndarray], dict[BlockKey, np.ndarray] | None, Path, Path]:
+    """(H blocks, S blocks or None, H path, S path) of a folder, each file read by ``read``
+    (0-based keys). A missing S is an error naming ``overlap_fix`` unless not required."""
+    h_path = require_file(folder, names[0], fmt, fix)
+    h = read(h_path)
+    s_path = folder / names[1]
+    if s_path.is_file():
+        s = read(s_path)
+    elif require_overlap:
+        raise FormatError(
+            f"{s_path}: missing; records need S for the energy zero μ = ⟨H,S⟩/⟨S,S⟩. "
+            f"{overlap_fix}, or pass require_overlap=False to read H alone."
+        )
+    else:
+        s = None
+    return h, s, h_path, s_path
+
+
 def basis_from_atom_shells(
     numbers: np.ndarray, atom_shells: Sequence[tuple[int, ...]], name: str, path: Path
 ) -> BasisSet:

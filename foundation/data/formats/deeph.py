@@ -48,6 +48,7 @@ from foundation.data.formats.common import (
     load_json,
     load_text,
     read_h5_blocks,
+    read_h_and_s,
     rebase_blocks,
     record_from_blocks,
     record_meta_for_info,
@@ -153,21 +154,17 @@ def read_deeph(
     if basis is None and "basis_name" in saved:
         source_basis = BasisSet(saved["basis_name"], source_basis.shells)
 
-    h_path = require_file(folder, H_FILE, FORMAT, _FIX)
-    h = rebase_blocks(read_h5_blocks(h_path, _parse_key, key_help=KEY_HELP), INDEX_BASE, n, h_path)
-    s_path = folder / S_FILE
-    if s_path.is_file():
-        s = rebase_blocks(
-            read_h5_blocks(s_path, _parse_key, key_help=KEY_HELP), INDEX_BASE, n, s_path
-        )
-    elif require_overlap:
-        raise FormatError(
-            f"{s_path}: missing; records need S for the energy zero μ = ⟨H,S⟩/⟨S,S⟩. Rerun "
-            "DeepH-pack preprocess with overlaps saved (OpenMX: save_overlap), or pass "
-            "require_overlap=False to read H alone."
-        )
-    else:
-        s = None
+    h, s, h_path, s_path = read_h_and_s(
+        folder,
+        (H_FILE, S_FILE),
+        lambda path: rebase_blocks(
+            read_h5_blocks(path, _parse_key, key_help=KEY_HELP), INDEX_BASE, n, path
+        ),
+        fmt=FORMAT,
+        fix=_FIX,
+        require_overlap=require_overlap,
+        overlap_fix="Rerun DeepH-pack preprocess with overlaps saved (OpenMX: save_overlap)",
+    )
     return record_from_blocks(
         key=key or saved.get("key") or sanitize_key(folder.name),
         numbers=numbers,

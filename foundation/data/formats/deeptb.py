@@ -42,6 +42,7 @@ from foundation.data.formats.common import (
     load_json,
     load_text,
     read_h5_blocks,
+    read_h_and_s,
     rebase_blocks,
     record_from_blocks,
     record_meta_for_info,
@@ -175,20 +176,19 @@ def read_deeptb(
     if basis is None and "basis_name" in saved:
         source_basis = BasisSet(saved["basis_name"], source_basis.shells)
 
-    h_path = require_file(folder, H_FILE, FORMAT, _FIX)
-    h_raw = read_h5_blocks(h_path, _parse_key, groups=FRAME_GROUPS, key_help=KEY_HELP)
-    h = rebase_blocks(h_raw, _index_base(h_raw, h_path), n, h_path)
-    s_path = folder / S_FILE
-    if s_path.is_file():
-        s_raw = read_h5_blocks(s_path, _parse_key, groups=FRAME_GROUPS, key_help=KEY_HELP)
-        s = rebase_blocks(s_raw, _index_base(s_raw, s_path), n, s_path)
-    elif require_overlap:
-        raise FormatError(
-            f"{s_path}: missing; records need S for the energy zero μ = ⟨H,S⟩/⟨S,S⟩. Rerun the "
-            "DeePTB preprocessing with overlaps (parse_overlap), or pass require_overlap=False."
-        )
-    else:
-        s = None
+    def read(path: Path) -> dict:
+        raw = read_h5_blocks(path, _parse_key, groups=FRAME_GROUPS, key_help=KEY_HELP)
+        return rebase_blocks(raw, _index_base(raw, path), n, path)
+
+    h, s, h_path, s_path = read_h_and_s(
+        folder,
+        (H_FILE, S_FILE),
+        read,
+        fmt=FORMAT,
+        fix=_FIX,
+        require_overlap=require_overlap,
+        overlap_fix="Rerun the DeePTB preprocessing with overlaps (parse_overlap)",
+    )
     return record_from_blocks(
         key=key or saved.get("key") or sanitize_key(folder.name),
         numbers=numbers,
