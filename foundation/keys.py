@@ -33,6 +33,7 @@ ONSITE = "onsite"  # (E,) bool: i == j and R == 0
 KEY = "key"  # unique structure id (also the webdataset sample key)
 META = "meta"
 ENERGY_ZERO = "energy_zero_eV"  # μ = ⟨H,S⟩/⟨S,S⟩ subtracted from the stored H (eV)
+ENERGY_ZERO_HSE = "energy_zero_hse_eV"  # the same for the hybrid-functional target h_hse
 N_ELECTRONS = "n_electrons"  # valence electrons (from the pseudopotential)
 FUNCTIONAL = "functional"
 SOURCE = "source"

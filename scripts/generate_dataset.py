@@ -23,7 +23,6 @@ holds out whole compositions (`TEST_COMPOSITIONS`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.build import bulk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's own package first
 from foundation.data.dft.pyscf import (  # noqa: E402
@@ -41,6 +39,7 @@ from foundation.data.dft.pyscf import (  # noqa: E402
     PER_STRUCTURE_KWARGS,
     generate_dataset,
 )
+from foundation.data.structures import perturbed_structures  # noqa: E402
 
 NAME = "pbe_mini"
 SEED = 0
@@ -95,39 +94,12 @@ PROTOTYPES: list[tuple[str, str, float, float | None, bool, int]] = [
 ]
 
 
-def _prototype(formula: str, kind: str, a: float, c: float | None) -> Atoms:
-    if kind == "fcc2":  # 2-atom cell: fcc primitive doubled along a3
-        return bulk(formula, "fcc", a=a) * (1, 1, 2)
-    if kind == "wurtzite":
-        return bulk(formula, "wurtzite", a=a, c=c)
-    return bulk(formula, kind, a=a)
-
-
 def build_structures(seed: int = SEED) -> list[tuple[str, Atoms]]:
-    """All (key, atoms) of the dataset, deterministic in ``seed``.
-
-    Each structure draws from its own generator seeded by (seed, sha256 of its key), so a
-    structure does not change when variants are added elsewhere. Ordered variant-major
-    (variant 0 of every prototype first): the first records of a run time each kind.
-    """
-    drawn: dict[tuple[int, int], tuple[str, Atoms]] = {}
-    for p, (formula, kind, a, c, metal, n_var) in enumerate(PROTOTYPES):
-        for v in range(n_var):
-            key = f"{formula}-{kind}-{v:02d}"
-            digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-            rng = np.random.default_rng([seed, digest])
-            atoms = _prototype(formula, kind, a, c)
-            eps = rng.uniform(-STRAIN, STRAIN, (3, 3))
-            strain = np.eye(3) + (eps + eps.T) / 2
-            atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
-            sigma = rng.uniform(*RATTLE_A)
-            atoms.positions = atoms.positions + rng.normal(0.0, sigma, atoms.positions.shape)
-            atoms.wrap()
-            if metal:
-                atoms.info[PER_STRUCTURE_KWARGS] = {"smearing_eV": SMEARING_EV}
-            atoms.info["rattle_sigma_A"] = float(sigma)
-            drawn[(v, p)] = (key, atoms)
-    return [drawn[k] for k in sorted(drawn)]
+    """All (key, atoms) of the dataset, deterministic in ``seed``
+    (`foundation.data.structures.perturbed_structures`)."""
+    return perturbed_structures(
+        PROTOTYPES, seed, strain=STRAIN, rattle_A=RATTLE_A, smearing_eV=SMEARING_EV
+    )
 
 
 def pack(structures: list[tuple[str, Atoms]], records_dir: Path, out_dir: Path, seed: int) -> dict:

@@ -38,13 +38,14 @@ differences of `compute_record` runs on the reference edges, and `overlap_blocks
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
 import os
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,12 +412,14 @@ def run_scf(
     conv_tol: float = 1e-9,
     conv_tol_grad: float | None = None,
     max_cycle: int = 100,
+    dm0: object | None = None,
 ) -> SCFResult:
     """Self-consistent KRKS on a Γ-centred ``kmesh`` (time-reversal-reduced); raises
     `SCFNotConverged`. ``smearing_eV`` is the Fermi–Dirac kT (None: none, for insulators).
     ``conv_tol`` (Ha) and ``conv_tol_grad`` (default √conv_tol) are PySCF's criteria; on a
     coarse FFT grid the orbital gradient has a floor (grid aliasing) that may need a looser
-    ``conv_tol_grad``."""
+    ``conv_tol_grad``. ``dm0``: initial density matrix (e.g. a converged PBE one to start a
+    hybrid SCF; same cell and k-mesh)."""
     from pyscf.pbc import dft
 
     hartree = hartree_ev()
@@ -435,7 +438,7 @@ def run_scf(
     mf.max_cycle = max_cycle
     if smearing_eV:
         mf = mf.smearing(sigma=smearing_eV / hartree, method="fermi")
-    mf.kernel()
+    mf.kernel(dm0)
     if not mf.converged:
         raise SCFNotConverged(
             f"{key}: PySCF SCF did not converge in {max_cycle} cycles (kmesh {kmesh}, "
@@ -586,6 +589,72 @@ def compute_record(
     )  # fmt: skip
 
 
+def _kwargs_for(func, kwargs: dict) -> dict:
+    """The entries of ``kwargs`` that ``func`` accepts by name."""
+    names = inspect.signature(func).parameters
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def compute_hybrid_record(
+    atoms: ase.Atoms,
+    *,
+    key: str,
+    hybrid: str = "HSE06",
+    base: str = "PBE",
+    **compute_kwargs,
+) -> HamiltonianRecord:
+    """One structure with paired targets: ``h`` from the semi-local ``base`` functional and
+    the extra target ``h_hse`` (`keys.H_HSE`) from the ``hybrid`` functional, on the same edges.
+
+    Both are `compute_record` pipelines on the same cell, SCF k-mesh, dense mesh, cutoff and
+    band k-points; the hybrid SCF starts from the converged base density. Each H has its own
+    energy zero subtracted (``meta["energy_zero_eV"]`` for h, ``meta["energy_zero_hse_eV"]``
+    for h_hse), so band energies of either come back absolute by adding its μ.
+
+    Hybrid exchange runs on PySCF's FFT density fitting (``FFTDF``): the Fock matrix is
+    needed at the dense non-SCF k-points (the F(k) → H(R) step), and FFTDF evaluates exchange
+    at any k directly, where Gaussian density fitting would need new 3-centre integrals for
+    every (band k, mesh k) pair. The range-separated (HSE) exchange has no G = 0 divergence,
+    so no ``exxdiv`` correction enters the bands off the SCF mesh. Cost on 2-atom cells with
+    a 3×3×3 SCF mesh: ~10× the PBE record (see scripts/generate_hse_dataset.py).
+
+    Meta added: ``functional_hse``, ``energy_zero_hse_eV``, ``e_tot_hse_eV``,
+    ``dft_bands_hse`` (PySCF's hybrid eigenvalues at the band k-points, eV, absolute),
+    ``band_error_hse_meV`` (stored h_hse vs those), ``seconds_hse``.
+    """
+    unknown = set(compute_kwargs) - set(inspect.signature(compute_record).parameters)
+    if unknown:
+        raise TypeError(f"compute_hybrid_record: unknown keyword(s) {sorted(unknown)}.")
+    scf_kwargs = _kwargs_for(run_scf, compute_kwargs)
+    record_kwargs = _kwargs_for(record_from_scf, compute_kwargs)
+    base_scf = run_scf(atoms, key=key, functional=base, **scf_kwargs)
+    record = record_from_scf(base_scf, **record_kwargs)
+    hybrid_scf = run_scf(
+        atoms, key=key, functional=hybrid, **(scf_kwargs | {"kmesh": base_scf.kmesh}),
+        dm0=base_scf.mf.make_rdm1(),
+    )  # fmt: skip
+    paired = record_from_scf(
+        hybrid_scf, **(record_kwargs | {"dense_mesh": tuple(record.meta["dense_kmesh"])})
+    )
+    if not np.array_equal(paired.edges, record.edges):
+        raise RecordError(
+            f"{key}: the {hybrid} record has different edges from the {base} one "
+            f"({paired.n_edges} vs {record.n_edges}); both must use the same cutoff and meshes."
+        )
+    record.extras[keys.H_HSE] = paired.h
+    record.meta |= {
+        "functional_hse": hybrid,
+        keys.ENERGY_ZERO_HSE: paired.meta[keys.ENERGY_ZERO],
+        "e_tot_hse_eV": paired.meta["e_tot_eV"],
+        "dft_bands_hse": paired.meta["dft_bands"],
+        "band_error_hse_meV": paired.meta["band_error_meV"],
+        "s_alias_error_hse": paired.meta["s_alias_error"],
+        "seconds_hse": paired.meta["seconds"],
+    }
+    record.validate()
+    return record
+
+
 # ----------------------------------------------------------------------------- dH/du
 @dataclass
 class DisplacementDerivatives:
@@ -703,13 +772,13 @@ keyword arguments for that structure (e.g. ``{"smearing_eV": 0.1}`` for a metal)
 
 
 def _generate_one(
-    key: str, atoms: ase.Atoms, out: Path, kwargs: dict
+    key: str, atoms: ase.Atoms, out: Path, kwargs: dict, compute: Callable = compute_record
 ) -> tuple[str, str | None, float]:
     """Compute and save one record; returns (key, error message or None, seconds)."""
     t0 = time.perf_counter()
     try:
         kw = kwargs | dict(atoms.info.get(PER_STRUCTURE_KWARGS, {}))
-        compute_record(atoms, key=key, **kw).save(out / key)
+        compute(atoms, key=key, **kw).save(out / key)
         return key, None, time.perf_counter() - t0
     except Exception as exc:  # one bad structure must not stop the dataset
         log.debug("%s failed:\n%s", key, traceback.format_exc())
@@ -722,6 +791,7 @@ def generate_dataset(
     *,
     workers: int = 1,
     resume: bool = True,
+    compute: Callable[..., HamiltonianRecord] = compute_record,
     **compute_kwargs,
 ) -> list[Path]:
     """Compute a record per (key, atoms) into ``records_dir/<key>/`` (atomic saves).
@@ -729,7 +799,9 @@ def generate_dataset(
     Resumable: with ``resume`` a key whose record directory is complete is skipped, so an
     interrupted run continues where it stopped. ``workers`` > 1 uses a process pool. A
     structure that fails is reported by key (log, progress bar and ``failures.json`` in
-    ``records_dir``) and the others go on. ``compute_kwargs`` go to `compute_record`;
+    ``records_dir``) and the others go on. ``compute`` makes one record (default
+    `compute_record`; `compute_hybrid_record` for paired PBE/HSE06 targets; a module-level
+    function, so worker processes can import it); ``compute_kwargs`` go to it;
     ``atoms.info["pyscf"]`` overrides them per structure. Returns the record directories
     that exist at the end, in input order.
     """
@@ -760,10 +832,12 @@ def generate_dataset(
     try:
         if workers <= 1:
             for key, atoms in todo:
-                report(*_generate_one(key, atoms, out, compute_kwargs))
+                report(*_generate_one(key, atoms, out, compute_kwargs, compute))
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(_generate_one, k, a, out, compute_kwargs) for k, a in todo]
+                futures = [
+                    pool.submit(_generate_one, k, a, out, compute_kwargs, compute) for k, a in todo
+                ]
                 for fut in as_completed(futures):
                     report(*fut.result())
     finally:
