@@ -196,26 +196,40 @@ def bloch_sum(
     return out
 
 
-def record_bands(record: HamiltonianRecord, kpts_frac: np.ndarray) -> np.ndarray:
-    """(N_k, n_orb) eigenvalues (eV, absolute: μ added back) of the stored H, S at k."""
+def record_bands(
+    record: HamiltonianRecord,
+    kpts_frac: np.ndarray,
+    target: str = keys.H,
+    energy_zero: str = keys.ENERGY_ZERO,
+) -> np.ndarray:
+    """(N_k, n_orb) eigenvalues (eV, absolute: μ ``meta[energy_zero]`` added back) of the
+    stored ``target`` (h, or the extra h_hse with ``keys.ENERGY_ZERO_HSE``) and S at k."""
     import scipy.linalg
 
     n_orb = record.n_orb_per_atom
-    hk = bloch_sum(record.edges, record.blocks(keys.H), n_orb, kpts_frac)
+    hk = bloch_sum(record.edges, record.blocks(target), n_orb, kpts_frac)
     sk = bloch_sum(record.edges, record.blocks(keys.S), n_orb, kpts_frac)
-    mu = float(record.meta.get(keys.ENERGY_ZERO, 0.0))
+    mu = float(record.meta.get(energy_zero, 0.0))
     return (
         np.array([scipy.linalg.eigh(h, s, eigvals_only=True) for h, s in zip(hk, sk, strict=True)])
         + mu
     )
 
 
-def band_errors_meV(record: HamiltonianRecord) -> dict[str, float]:
-    """Max |ε(stored H, S) − ε(PySCF)| (meV) at the record's ``dft_bands`` k-points, over the
-    occupied bands and over the first empty band (counted from the valence electrons)."""
-    bands = record.meta["dft_bands"]
+def band_errors_meV(
+    record: HamiltonianRecord,
+    bands_key: str = "dft_bands",
+    target: str = keys.H,
+    energy_zero: str = keys.ENERGY_ZERO,
+) -> dict[str, float]:
+    """Max |ε(stored target, S) − ε(PySCF)| (meV) at the k-points of ``meta[bands_key]``,
+    over the occupied bands and over the first empty band (counted from the valence
+    electrons). ``bands_key="dft_bands_hse", target=keys.H_HSE,
+    energy_zero=keys.ENERGY_ZERO_HSE`` checks the hybrid target of a paired record."""
+    bands = record.meta[bands_key]
     ref = np.asarray(bands["eigenvalues_eV"])
-    err = np.abs(record_bands(record, np.asarray(bands["kpts_frac"])) - ref) * 1000
+    err = np.abs(record_bands(record, np.asarray(bands["kpts_frac"]), target, energy_zero) - ref)
+    err *= 1000
     nocc = int(record.meta[keys.N_ELECTRONS]) // 2
     return {"occupied": float(err[:, :nocc].max()), "first_empty": float(err[:, nocc].max())}
 
