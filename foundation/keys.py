@@ -27,6 +27,7 @@ S = "s"  # overlap blocks
 H_HSE = "h_hse"  # hybrid-functional Hamiltonian blocks (fine-tuning)
 DH = "dh"  # finite-displacement derivatives dH/du (e-ph)
 BLOCK_MASK = "block_mask"  # (E, n_uni, n_uni) bool: which padded entries are real orbitals
+PRESENT_SUFFIX = "_present"  # f"{target}_present": (E,) bool, the edge's structure has the target
 ONSITE = "onsite"  # (E,) bool: i == j and R == 0
 
 # --- metadata -------------------------------------------------------------------------
@@ -38,3 +39,13 @@ N_ELECTRONS = "n_electrons"  # valence electrons (from the pseudopotential)
 FUNCTIONAL = "functional"
 SOURCE = "source"
 BASIS_NAME = "basis"
+
+
+def present(target: str) -> str:
+    """Batch key of a target's presence flags, e.g. ``present("h_hse") == "h_hse_present"``.
+
+    Batches that mix structures with and without an optional target (fine-tuning with replay
+    of pretraining data) carry these (E,) bool flags; losses and metrics count an edge's
+    entries only where its flag is set. A batch without the key has the target everywhere.
+    """
+    return f"{target}{PRESENT_SUFFIX}"

@@ -138,11 +138,20 @@ def structure_to_graph(
     return _structure_graph(key, numbers, positions, cell, edges, universal, dtype)
 
 
+def _has_target(record: HamiltonianRecord, name: str) -> bool:
+    if name == keys.H:
+        return True
+    if name == keys.S:
+        return record.s is not None
+    return name in record.extras
+
+
 def record_to_graph(
     record: HamiltonianRecord,
     universal: UniversalBasis,
     targets: Sequence[str] = (keys.H, keys.S),
     dtype: torch.dtype = torch.float32,
+    optional: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """One record → dict of tensors for the model (keys from `foundation.keys`).
 
@@ -150,6 +159,11 @@ def record_to_graph(
     EDGE_SHIFT (E, 3) long, EDGE_REVERSE (E,) long, ONSITE (E,) bool, BLOCK_MASK
     (E, n_uni, n_uni) bool, each target (E, n_uni, n_uni) zero-padded, N_ATOMS and N_EDGES
     (1,) long. Floating tensors have ``dtype``. Edges are the record's, in its order.
+
+    ``optional``: targets the record may lack (e.g. ``h_hse`` on replayed pretraining data).
+    Each gets presence flags ``keys.present(name)`` (E,) bool — all True if the record has it,
+    else all False with zero blocks — so graphs with and without it batch together and
+    losses/metrics skip the absent ones. Any other target in ``targets`` is required.
     """
     graph = _structure_graph(
         record.key, record.numbers, record.positions, record.cell, record.edges, universal, dtype
@@ -161,8 +175,14 @@ def record_to_graph(
     groups = [np.flatnonzero((z_pairs == p).all(axis=1)) for p in np.unique(z_pairs, axis=0)]
     n_uni = universal.n_orb
     for name in targets:
-        blocks = record.blocks(name)  # raises a RecordError naming the record if absent
         padded = np.zeros((record.n_edges, n_uni, n_uni), dtype=np.float64)
+        if name in optional:
+            has = _has_target(record, name)
+            graph[keys.present(name)] = torch.full((record.n_edges,), has)
+            if not has:
+                graph[name] = torch.as_tensor(padded, dtype=dtype)
+                continue
+        blocks = record.blocks(name)  # raises a RecordError naming the record if absent
         for sel in groups:
             ii, jj = index[numbers[src[sel[0]]]], index[numbers[dst[sel[0]]]]
             padded[sel[:, None, None], ii[None, :, None], jj[None, None, :]] = np.stack(

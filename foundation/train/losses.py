@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from foundation import keys
+
 LOSSES = ("mse", "l1", "huber")
+
+
+def target_mask(batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """(E, n_uni, n_uni) bool: the entries of target ``name`` that count — real orbitals
+    (``keys.BLOCK_MASK``) of edges whose structure has the target (``keys.present(name)``,
+    when the batch carries presence flags; e.g. replayed pretraining data lacks ``h_hse``)."""
+    mask = batch[keys.BLOCK_MASK]
+    flags = batch.get(keys.present(name))
+    return mask if flags is None else mask & flags[:, None, None]
 
 
 def masked_residual(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

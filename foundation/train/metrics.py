@@ -13,6 +13,7 @@ import torch
 from ase.data import chemical_symbols
 
 from foundation import keys
+from foundation.train.losses import target_mask
 
 # (unit label, factor from stored units); S is dimensionless, everything else eV-based.
 UNITS: dict[str, tuple[str, float]] = {keys.S: ("e-3", 1e3)}
@@ -25,6 +26,9 @@ def unit(target: str) -> tuple[str, float]:
 
 class BlockErrors:
     """Σ|pred − target| and entry counts per target × unordered element pair × on-site flag.
+
+    Only entries of `losses.target_mask` count (real orbitals of structures that have the
+    target).
 
     ``elements``: the model's atomic numbers (index order of the pair table).
     """
@@ -51,7 +55,6 @@ class BlockErrors:
         """Add one batch (``weight`` 0 for a padding batch that must not count)."""
         if weight == 0:
             return
-        mask = batch[keys.BLOCK_MASK]
         numbers = batch[keys.NUMBERS]
         src, dst = batch[keys.EDGE_INDEX]
         lookup = self._lookup.to(numbers.device)
@@ -59,8 +62,9 @@ class BlockErrors:
         lo, hi = torch.minimum(a, b), torch.maximum(a, b)
         n = len(self.elements)
         cell = (lo * n + hi) * 2 + batch[keys.ONSITE].long()  # flat index into (n, n, 2)
-        per_edge_count = mask.sum(dim=(1, 2)).double()
         for t, name in enumerate(self.targets):
+            mask = target_mask(batch, name)
+            per_edge_count = mask.sum(dim=(1, 2)).double()
             err = (pred[name].double() - batch[name].double()).abs() * mask
             per_edge = err.sum(dim=(1, 2))
             self.abs_sum[t].view(-1).index_add_(0, cell.cpu(), weight * per_edge.cpu())

@@ -32,7 +32,7 @@ from foundation import keys
 from foundation.data.datamodule import EVAL_WEIGHT
 from foundation.train.checkpoint import checkpoint_metadata
 from foundation.train.ema import EMA
-from foundation.train.losses import LOSSES, loss_sum
+from foundation.train.losses import LOSSES, loss_sum, target_mask
 from foundation.train.metrics import BlockErrors, unit
 
 # Epoch metrics are summed over ranks by the module itself (BlockErrors.all_reduce), so
@@ -57,7 +57,8 @@ class HamiltonianModule(pl.LightningModule):
     """Train the universal model on the targets of ``targets`` (name → loss weight).
 
     Args:
-        model: model config (conf/model/*.yaml) for `foundation.model.build_model`.
+        model: model config (conf/model/*.yaml) for `foundation.model.build_model`, or a
+            built `UniversalHamiltonianModel` (subclasses that load pretrained weights).
         basis: orbital basis (``BasisSet.to_dict()``; the trainer passes the dataset's).
         targets: target name → loss weight (weight 0: monitored only). Each needs a head.
         loss: ``mse`` | ``l1`` | ``huber`` (``huber_delta`` in eV).
@@ -92,10 +93,13 @@ class HamiltonianModule(pl.LightningModule):
         super().__init__()
         from foundation.model import build_model
 
-        self.save_hyperparameters(ignore=["run_config"])
+        built = isinstance(model, torch.nn.Module)
+        self.save_hyperparameters(ignore=["run_config", "model"] if built else ["run_config"])
         self.run_config = run_config
         self.automatic_optimization = False
-        self.model = build_model(model, basis=basis)
+        self.model = model if built else build_model(model, basis=basis)
+        self.monitor_target = keys.H
+        """Target whose MAE is also logged as ``<stage>/mae_meV`` (checkpoint monitor, summary)."""
         self.targets = dict(targets if targets is not None else {keys.H: 1.0, keys.S: 1.0})
         missing = [t for t in self.targets if t not in self.model.heads]
         if missing:
@@ -131,28 +135,39 @@ class HamiltonianModule(pl.LightningModule):
             return tensor
         return trainer.strategy.reduce(tensor, reduce_op="sum")
 
+    def loss_terms(
+        self, pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per target of ``self.targets``: (Σ loss, number of entries counted) on this rank.
+
+        Entries are those of `losses.target_mask` (real orbitals of structures that have the
+        target); a batch without any (replayed data lacking ``h_hse``) gives an exact zero
+        that still depends on the head's output, so the head is in every step's graph.
+        Subclasses with other kinds of targets extend the dict (one entry per target)."""
+        hp = self.hparams
+        return {
+            name: loss_sum(
+                pred[name], batch[name], target_mask(batch, name), hp.loss, hp.huber_delta
+            )
+            for name in self.targets
+        }
+
     def step_losses(
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Forward + loss. Returns (loss to backpropagate, global per-target losses, global
         [n_structures, n_edges, non-finite flag]). Loss values are those of the global batch."""
-        pred = self(batch)
-        mask = batch[keys.BLOCK_MASK]
-        sums, counts = [], []
-        for name in self.targets:
-            s, c = loss_sum(
-                pred[name], batch[name], mask, self.hparams.loss, self.hparams.huber_delta
-            )
-            sums.append(s)
-            counts.append(c)
-        local_sums = torch.stack(sums)
+        terms = self.loss_terms(self(batch), batch)
+        local_sums = torch.stack([terms[name][0] for name in self.targets])
+        counts = torch.stack([terms[name][1] for name in self.targets])
         finite = torch.isfinite(local_sums).all()
         device = local_sums.device
-        extra = [float(~finite), float(batch[keys.N_ATOMS].numel()), float(mask.shape[0])]
+        n_edges = batch[keys.EDGE_INDEX].shape[1]
+        extra = [float(~finite), float(batch[keys.N_ATOMS].numel()), float(n_edges)]
         stats = torch.cat(
             [
                 local_sums.detach().double(),
-                torch.stack(counts).double(),
+                counts.double(),
                 torch.tensor(extra, dtype=torch.float64, device=device),
             ]
         )
@@ -271,7 +286,8 @@ class HamiltonianModule(pl.LightningModule):
         metrics = self._metrics[stage]
         metrics.all_reduce(lambda t: self._reduce_sum(t.to(self.device)))
         values = metrics.compute(per_pair=self.hparams.log_pairs)
-        values["mae_meV"] = values.get(f"mae_{keys.H}_{unit(keys.H)[0]}", float("nan"))
+        target = self.monitor_target
+        values["mae_meV"] = values.get(f"mae_{target}_{unit(target)[0]}", float("nan"))
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
 
     def on_validation_epoch_start(self) -> None:
@@ -287,17 +303,22 @@ class HamiltonianModule(pl.LightningModule):
         self._eval_epoch_end("test")
 
     # ------------------------------------------------------------------ optimizer, EMA, checkpoints
-    def configure_optimizers(self):
-        hp = self.hparams
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups of the trainable weights: weight decay on matrices only.
+        Subclasses may split them further (e.g. a smaller ``lr`` for pretrained weights)."""
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        hp = self.hparams
         opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": hp.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            [g for g in self.parameter_groups() if g["params"]],
             lr=hp.lr,
             betas=tuple(hp.betas),
             eps=hp.eps,
