@@ -14,6 +14,10 @@ Streaming, deterministic, and safe for many ranks:
   and every structure counts exactly once in the metrics.
 * **Batches** hold as many structures as fit ``max_edges`` edges (a structure larger than
   the budget is a batch of its own), collated with `foundation.data.graph.collate_graphs`.
+* **Replay** (optional, fine-tuning): every train batch also takes structures of a second
+  dataset (e.g. the pretraining data) filling ``fraction`` of the edge budget. Targets the
+  replayed dataset lacks (``h_hse``) get presence flags (`keys.present`), zero blocks on
+  its structures, and count in no loss or metric there.
 * **Exact resume**: each train batch carries ``BATCH_POSITION = (epoch, index)``; the
   datamodule records the last batch handed to the model (``on_before_batch_transfer``) and
   checkpoints it (``state_dict``), and a resumed run skips the batches already consumed.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +96,8 @@ def pack_by_edges(
 
 
 class _GraphStream(IterableDataset):
-    """Shared settings: shards, padding basis, targets and batch budget."""
+    """Shared settings: shards, padding basis, targets (``optional``: those some structures
+    may lack, with presence flags) and batch budget."""
 
     def __init__(
         self,
@@ -103,10 +108,12 @@ class _GraphStream(IterableDataset):
         max_structures: int | None,
         rank: int = 0,
         world_size: int = 1,
+        optional: Sequence[str] = (),
     ):
         self.shards = list(shards)
         self.basis = basis
         self.targets = tuple(targets)
+        self.optional = tuple(optional)
         self.max_edges = int(max_edges)
         self.max_structures = max_structures
         self.rank = rank
@@ -114,44 +121,78 @@ class _GraphStream(IterableDataset):
 
     def _collate(self, records: list[HamiltonianRecord]) -> dict[str, torch.Tensor]:
         universal = self.basis.universal
-        return collate_graphs([record_to_graph(r, universal, self.targets) for r in records])
+        return collate_graphs(
+            [record_to_graph(r, universal, self.targets, optional=self.optional) for r in records]
+        )
 
-    def _batches(self, records: Iterable[HamiltonianRecord]) -> Iterator[list[HamiltonianRecord]]:
-        return pack_by_edges(records, lambda r: r.n_edges, self.max_edges, self.max_structures)
+    def _batches(
+        self, records: Iterable[HamiltonianRecord], max_edges: int | None = None
+    ) -> Iterator[list[HamiltonianRecord]]:
+        budget = self.max_edges if max_edges is None else max_edges
+        return pack_by_edges(records, lambda r: r.n_edges, budget, self.max_structures)
 
 
 class TrainStream(_GraphStream):
     """Resampled shards → shuffle buffer → edge-budget batches; ``steps`` batches per epoch
     on every rank. ``epoch`` and ``skip`` (batches already consumed this epoch) are set by
-    the loader before each pass."""
+    the loader before each pass. With ``replay_shards`` each batch is ``1 − replay_fraction``
+    of the edge budget from ``shards`` and ``replay_fraction`` from ``replay_shards``."""
 
-    def __init__(self, *args: Any, steps: int, shuffle_buffer: int, seed: int, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        steps: int,
+        shuffle_buffer: int,
+        seed: int,
+        replay_shards: Sequence[str] = (),
+        replay_fraction: float = 0.0,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.steps = int(steps)
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
+        self.replay_shards = list(replay_shards)
+        self.replay_fraction = float(replay_fraction)
         self.epoch = 0
         self.skip = 0
 
     def __len__(self) -> int:
         return self.steps
 
-    def _resampled_shards(self, rng: random.Random) -> Iterator[str]:
-        while True:
-            yield self.shards[rng.randrange(len(self.shards))]
+    def _shuffled_records(
+        self, shards: Sequence[str], rng: random.Random
+    ) -> Iterator[HamiltonianRecord]:
+        """Records of shards drawn with replacement, mixed through the shuffle buffer."""
+
+        def resampled() -> Iterator[str]:
+            while True:
+                yield shards[rng.randrange(len(shards))]
+
+        records = _read_records(resampled())
+        if self.shuffle_buffer > 1:
+            records = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                records
+            )
+        return records
 
     def record_batches(
         self, worker: int = 0, num_workers: int = 1
     ) -> Iterator[tuple[int, list[HamiltonianRecord]]]:
         """(index in the epoch, records) of the batches this worker makes: w, w + nw, …"""
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker))
-        records = _read_records(self._resampled_shards(rng))
-        if self.shuffle_buffer > 1:
-            records = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
-                records
+        seed = (self.seed, self.epoch, self.rank, worker)
+        records = self._shuffled_records(self.shards, random.Random(_seed(*seed)))
+        if self.replay_shards:
+            replay_edges = max(1, round(self.replay_fraction * self.max_edges))
+            own = self._batches(records, max(1, self.max_edges - replay_edges))
+            replayed = self._shuffled_records(self.replay_shards, random.Random(_seed(*seed, 1)))
+            batches = (
+                a + b for a, b in zip(own, self._batches(replayed, replay_edges), strict=False)
             )
+        else:
+            batches = self._batches(records)
         indices = range(worker, self.steps, num_workers)  # DataLoader takes workers round-robin
-        yield from zip(indices, self._batches(records), strict=False)
+        yield from zip(indices, batches, strict=False)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for index, batch in self.record_batches(*_worker()):
@@ -217,6 +258,10 @@ class ShardDataModule(pl.LightningDataModule):
         seed: data-order seed (train order is a function of seed, epoch, rank, worker).
         verify: check every shard's sha256 against the manifest before training.
         splits: names of the train, val and test splits in the manifest.
+        replay: optional ``{root, fraction, split}``: mix structures of the dataset at
+            ``root`` (split ``split``, default train) into every train batch, ``fraction``
+            (default 0.25) of the edge budget, e.g. pretraining data while fine-tuning on
+            new targets; its basis must agree with this dataset's on shared elements.
     """
 
     def __init__(
@@ -231,6 +276,7 @@ class ShardDataModule(pl.LightningDataModule):
         seed: int = 0,
         verify: bool = True,
         splits: Sequence[str] = ("train", "val", "test"),
+        replay: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         from foundation.data.shards import read_manifest
@@ -270,13 +316,57 @@ class ShardDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.verify = verify
         self.basis = BasisSet.from_dict(self.manifest["basis"])
+        self.replay = None if replay is None else self._replay(dict(replay))
         self._consumed = (0, 0)  # (epoch, batches of that epoch handed to the model)
         self._resume: tuple[int, int] | None = None
+
+    def _replay(self, replay: dict[str, Any]) -> dict[str, Any]:
+        """Checked replay settings; widens ``self.basis`` to the replayed dataset's elements."""
+        from foundation.data.shards import read_manifest
+
+        unknown = set(replay) - {"root", "fraction", "split"}
+        if unknown or "root" not in replay:
+            raise DataConfigError(
+                f"data.replay takes root (required), fraction and split; got {sorted(replay)}."
+            )
+        root = Path(replay["root"])
+        fraction = float(replay.get("fraction", 0.25))
+        split = str(replay.get("split", "train"))
+        if not 0.0 < fraction < 1.0:
+            raise DataConfigError(f"data.replay.fraction={fraction}: must lie in (0, 1).")
+        if not (root / "manifest.json").is_file():
+            raise DataConfigError(
+                f"Replay dataset {root} has no manifest.json (config key data.replay.root); "
+                "point it at a shard directory such as data_shards/pbe_mini."
+            )
+        manifest = read_manifest(root)
+        if split not in manifest["splits"]:
+            raise DataConfigError(
+                f"Replay dataset {root} has no split {split!r} (has {sorted(manifest['splits'])}); "
+                "fix data.replay.split."
+            )
+        try:
+            self.basis = self.basis.merged(BasisSet.from_dict(manifest["basis"]))
+        except ValueError as exc:
+            raise DataConfigError(
+                f"Replay dataset {root} cannot share batches with {self.root}: {exc}"
+            ) from None
+        has = manifest.get("targets", [keys.H, keys.S])
+        return {
+            "root": root,
+            "fraction": fraction,
+            "split": split,
+            "elements": list(manifest.get("elements", [])),
+            "optional": tuple(t for t in self.targets if t not in has),
+        }
 
     # ------------------------------------------------------------------ properties
     @property
     def elements(self) -> list[str]:
-        return list(self.manifest.get("elements", self.basis.elements))
+        """Elements of the dataset (and of the replayed one)."""
+        own = list(self.manifest.get("elements", self.basis.elements))
+        extra = [] if self.replay is None else self.replay["elements"]
+        return own + [el for el in extra if el not in own]
 
     def use_basis(self, basis: BasisSet) -> None:
         """Pad blocks in ``basis`` (the model's; a superset of the dataset's elements)."""
@@ -297,8 +387,20 @@ class ShardDataModule(pl.LightningDataModule):
             from foundation.data.shards import verify_dataset
 
             verify_dataset(self.root)
+            if self.replay is not None:
+                verify_dataset(self.replay["root"])
 
     def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:
+        replay = {}
+        if self.replay is not None:
+            from foundation.data.shards import shard_paths
+
+            root, split = self.replay["root"], self.replay["split"]
+            replay = {
+                "replay_shards": [str(p) for p in shard_paths(root, split)],
+                "replay_fraction": self.replay["fraction"],
+                "optional": self.replay["optional"],
+            }
         return TrainStream(
             self.shards("train"),
             self.basis,
@@ -310,6 +412,7 @@ class ShardDataModule(pl.LightningDataModule):
             steps=self.steps_per_epoch,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
+            **replay,
         )
 
     def eval_stream(self, stage: str, rank: int = 0, world_size: int = 1) -> EvalStream:
