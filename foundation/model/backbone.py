@@ -121,15 +121,18 @@ def map_edge_chunks(
     return out
 
 
-def edge_vectors(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(E, 3) Cartesian r_ij = τ_j + R·cell − τ_i (Å), differentiable w.r.t. positions/cell."""
+def edge_vectors(
+    batch: dict[str, torch.Tensor], edges: slice | torch.Tensor | None = None
+) -> torch.Tensor:
+    """(E, 3) Cartesian r_ij = τ_j + R·cell − τ_i (Å), differentiable w.r.t. positions/cell;
+    only of the edges selected by ``edges`` (a slice or index tensor) when given."""
+    edges = slice(None) if edges is None else edges
     pos = batch[keys.POSITIONS]
-    src, dst = batch[keys.EDGE_INDEX]
+    src, dst = batch[keys.EDGE_INDEX][:, edges]
     cell = batch[keys.CELL].reshape(-1, 3, 3)
     edge_batch = batch.get(keys.EDGE_BATCH)
-    if edge_batch is None:
-        edge_batch = torch.zeros_like(src)
-    shift = batch[keys.EDGE_SHIFT].to(pos.dtype)
+    edge_batch = torch.zeros_like(src) if edge_batch is None else edge_batch[edges]
+    shift = batch[keys.EDGE_SHIFT][edges].to(pos.dtype)
     return pos[dst] + torch.einsum("ea,eab->eb", shift, cell[edge_batch]) - pos[src]
 
 

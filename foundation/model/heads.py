@@ -14,6 +14,14 @@ weights):
   (j, i, −R) get transposed blocks, and the result does not depend on which direction or
   edge order came first (so atom permutations cannot change it);
 * entries outside the two atoms' orbitals are exactly zero.
+
+`PairBlockHead` (config type ``pair``) adds a path from the two atoms' node features that
+reaches its own, longer ``cutoff_A``: edges beyond the backbone's cutoff (whose edge features
+are zero there) still get blocks, e.g. for the longer-ranged exchange of a hybrid functional.
+
+In a model config a head may name a ``base`` head: its output is then added to the base's
+(`UniversalHamiltonianModel`), e.g. H_HSE = H_PBE + ΔH with ``heads: {h_hse: {type: block,
+base: h}}``; `BlockHead.zero_output_` makes such a ΔH head start at exactly zero.
 """
 
 from __future__ import annotations
@@ -24,8 +32,16 @@ from torch import nn
 
 from foundation import keys
 from foundation.basis import UniversalBasis
-from foundation.model.backbone import BackboneOutput, linear
+from foundation.model.backbone import (
+    BackboneOutput,
+    EdgeGeometry,
+    RadialBasis,
+    TensorProductConvolution,
+    edge_vectors,
+    linear,
+)
 from foundation.model.blocks import BlockIrreps
+from foundation.rotations import to_e3nn_frame
 
 
 def _check_covers(irreps_in: o3.Irreps, needed: o3.Irreps, what: str) -> None:
@@ -66,6 +82,19 @@ class BlockHead(nn.Module):
         self.offsite = linear(self.irreps_edge, self.irreps_out)
         self.register_buffer("scale", torch.tensor(float(scale)))
 
+    @torch.no_grad()
+    def zero_output_(self) -> None:
+        """Zero the output layers: the head then predicts exactly zero blocks (a ΔH head that
+        starts from its base head's prediction) while its gradients are not zero."""
+        self.onsite.weight.zero_()
+        self.offsite.weight.zero_()
+
+    def offsite_irreps(
+        self, features: BackboneOutput, batch: dict[str, torch.Tensor], edges: slice | torch.Tensor
+    ) -> torch.Tensor:
+        """(n, irreps_out) of the selected edges from their edge features."""
+        return self.offsite(features.edge[edges])
+
     def raw_blocks(
         self, features: BackboneOutput, batch: dict[str, torch.Tensor], edges: slice | torch.Tensor
     ) -> torch.Tensor:
@@ -73,7 +102,7 @@ class BlockHead(nn.Module):
         src = batch[keys.EDGE_INDEX][0, edges]
         onsite = features.onsite[edges, None]
         irreps = torch.where(
-            onsite, self.onsite(features.node)[src], self.offsite(features.edge[edges])
+            onsite, self.onsite(features.node)[src], self.offsite_irreps(features, batch, edges)
         )
         return self.blocks.to_blocks(irreps)
 
@@ -100,8 +129,81 @@ class BlockHead(nn.Module):
         return torch.where(mask, hermitian * self.scale.to(raw.dtype), torch.zeros_like(raw))
 
 
-HEADS: dict[str, type[nn.Module]] = {"block": BlockHead}
-"""Head classes by config name (``heads: {h: {type: block, scale: 1.0}}``)."""
+class PairBlockHead(BlockHead):
+    """`BlockHead` whose off-site blocks also come from the two atoms' node features, out to
+    its own cutoff ``cutoff_A`` (Å, at least the backbone's).
+
+    off-site irreps = offsite(e_ij) + Conv(W_i x_i + W_j x_j ; r_ij), where Conv is the
+    reference tensor-product convolution (`backbone.TensorProductConvolution`) on this head's
+    own radial basis (Bessel × envelope vanishing smoothly at ``cutoff_A``) and spherical
+    harmonics up to ``sh_lmax`` of r_ij (e3nn frame). Edge features vanish beyond the backbone
+    cutoff, so there only the pair path contributes. Exactly equivariant and hermitian like
+    `BlockHead`. irreps_in: node ``irreps_node``, edge ``irreps_edge``; irreps_out: blocks.
+    """
+
+    def __init__(
+        self,
+        irreps_node: o3.Irreps | str,
+        irreps_edge: o3.Irreps | str,
+        universal: UniversalBasis,
+        scale: float = 1.0,
+        cutoff_A: float = 12.0,
+        sh_lmax: int = 2,
+        num_radial: int = 8,
+        radial_hidden: int = 16,
+        radial_layers: int = 2,
+        envelope_p: int = 6,
+    ):
+        super().__init__(irreps_node, irreps_edge, universal, scale)
+        self.cutoff_A = float(cutoff_A)
+        self.radial_basis = RadialBasis(cutoff_A, num_radial, envelope_p)
+        self.spherical_harmonics = o3.SphericalHarmonics(
+            o3.Irreps.spherical_harmonics(sh_lmax), normalize=True, normalization="component"
+        )
+        self.pair_src = linear(self.irreps_node, self.irreps_node)
+        self.pair_dst = linear(self.irreps_node, self.irreps_node)
+        self.pair = TensorProductConvolution(
+            self.irreps_node,
+            self.spherical_harmonics.irreps_out,
+            self.irreps_out,
+            num_radial,
+            radial_hidden,
+            radial_layers,
+            optimize_einsums=False,
+        )
+
+    @torch.no_grad()
+    def zero_output_(self) -> None:
+        super().zero_output_()
+        self.pair.linear.weight.zero_()
+
+    def offsite_irreps(
+        self, features: BackboneOutput, batch: dict[str, torch.Tensor], edges: slice | torch.Tensor
+    ) -> torch.Tensor:
+        src, dst = batch[keys.EDGE_INDEX][:, edges]
+        # On-site rows (r = 0) get a dummy vector of the cutoff's length, where the radial
+        # features vanish: no 0/0 in the harmonics or in the gradient of |r|.
+        dummy = torch.zeros_like(batch[keys.POSITIONS][:1])
+        dummy[:, 2] = self.cutoff_A
+        onsite = features.onsite[edges, None]
+        vectors = torch.where(onsite, dummy, to_e3nn_frame(edge_vectors(batch, edges)))
+        geometry = EdgeGeometry(
+            edge_ids=torch.arange(len(src), device=src.device),
+            src=src,
+            dst=dst,
+            vectors=vectors,
+            sh=self.spherical_harmonics(vectors),
+            radial=self.radial_basis(torch.linalg.norm(vectors, dim=1)),
+        )
+        node = features.node
+        pair = self.pair(self.pair_src(node)[src] + self.pair_dst(node)[dst], geometry)
+        return super().offsite_irreps(features, batch, edges) + pair
 
 
-__all__ = ["BlockHead", "HEADS"]
+HEADS: dict[str, type[nn.Module]] = {"block": BlockHead, "pair": PairBlockHead}
+"""Head classes by config name (``heads: {h: {type: block, scale: 1.0}}``); a head's config
+keys besides ``type`` and ``base`` are its constructor's keyword arguments after
+``universal`` (``scale``; for ``pair`` also ``cutoff_A``, ``sh_lmax``, ``num_radial``, …)."""
+
+
+__all__ = ["BlockHead", "HEADS", "PairBlockHead"]

@@ -6,6 +6,7 @@
 
 Each output is (E, n_uni, n_uni) padded blocks in the universal basis of ``basis``
 (eV for H, dimensionless for S), exactly hermitian and exactly zero outside BLOCK_MASK.
+A head with a ``base`` adds its base head's output to its own (H_HSE = H_PBE + ΔH).
 `predict_chunks` yields the same blocks for consecutive runs of edges, with the per-edge work
 of backbone and heads chunked: inference memory linear in the number of edges.
 Build from a config with `build_model` (conf/model/{tiny,base,large}.yaml).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,14 +28,16 @@ from foundation import keys
 from foundation.basis import BasisSet
 from foundation.model.backbone import CONVOLUTIONS, Backbone, BackboneOutput, edge_slices
 from foundation.model.heads import HEADS
+from foundation.model.lora import LORA_KEYS, add_lora
 
 
 class UniversalHamiltonianModel(nn.Module):
     """Backbone shared by all targets + a dict of heads, for the elements of ``basis``.
 
     Attributes: ``basis`` (BasisSet), ``universal`` (its padded basis), ``elements``
-    (symbols), ``cutoff_A`` (Å; radial features vanish there), ``backbone``, ``heads``,
-    ``config`` (the resolved config it was built from, or None).
+    (symbols), ``cutoff_A`` (Å; the longest edge it predicts blocks for), ``backbone``,
+    ``heads``, ``bases`` (head name → the head whose output it adds to), ``config`` (the
+    resolved config it was built from, or None).
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class UniversalHamiltonianModel(nn.Module):
         backbone: Backbone,
         heads: Mapping[str, nn.Module],
         config: Mapping[str, Any] | None = None,
+        bases: Mapping[str, str] | None = None,
     ):
         super().__init__()
         self.basis = basis
@@ -52,14 +57,48 @@ class UniversalHamiltonianModel(nn.Module):
                 f"Backbone embeds elements {backbone.elements} but the basis {basis.name!r} has "
                 f"{basis.atomic_numbers}; build both from the same basis."
             )
-        self.cutoff_A = backbone.cutoff_A
         self.backbone = backbone
-        self.heads = nn.ModuleDict(dict(heads))
+        self.heads = nn.ModuleDict()
+        self.bases: dict[str, str] = {}
         self.config = None if config is None else dict(config)
+        for name, head in heads.items():
+            self.add_head(name, head, (bases or {}).get(name))
 
-    def add_head(self, name: str, head: nn.Module) -> None:
-        """Attach (or replace) a head: a module (BackboneOutput, batch) → (E, n_uni, n_uni)."""
+    @property
+    def cutoff_A(self) -> float:
+        """Longest edge (Å) with predicted blocks: the backbone's cutoff, or a head's own
+        longer one (`heads.PairBlockHead`). Graphs for the model use it."""
+        return max(
+            [self.backbone.cutoff_A] + [getattr(h, "cutoff_A", 0.0) for h in self.heads.values()]
+        )
+
+    def add_head(self, name: str, head: nn.Module, base: str | None = None) -> None:
+        """Attach (or replace) a head: a module (BackboneOutput, batch) → (E, n_uni, n_uni);
+        with ``base``, the output is base's output + this head's. The config is not changed
+        (use `new_head` for a head that an exported checkpoint can rebuild)."""
+        if base is not None and (base not in self.heads or base == name):
+            raise ValueError(
+                f"Head {name!r}: base head {base!r} must be one of the heads added before it "
+                f"({', '.join(self.heads) or 'none'})."
+            )
         self.heads[name] = head
+        self.bases.pop(name, None)
+        if base is not None:
+            self.bases[name] = base
+
+    def new_head(self, name: str, spec: Mapping[str, Any]) -> nn.Module:
+        """Build a head from a config entry (``{type, base, scale, …}``, as under ``heads:``)
+        with this model's irreps, device and dtype, attach it and record it in ``config``;
+        returns the head."""
+        if self.config is None:
+            raise ValueError("new_head needs a model built from a config (build_model).")
+        spec = dict(spec)
+        check_head_spec(name, spec, [*self.heads, name])
+        like = next(self.backbone.parameters())
+        head = make_head(spec, self.config, self.basis).to(device=like.device, dtype=like.dtype)
+        self.add_head(name, head, spec.get("base"))
+        self.config["heads"] = dict(self.config["heads"]) | {name: spec}
+        return head
 
     def check_elements(self, numbers: torch.Tensor) -> None:
         unknown = torch.unique(numbers[self.backbone.species_index[numbers] < 0])
@@ -77,9 +116,27 @@ class UniversalHamiltonianModel(nn.Module):
         self.check_elements(batch[keys.NUMBERS])
         return self.backbone(batch, edge_chunk)
 
+    def _run_heads(
+        self,
+        features: BackboneOutput,
+        batch: dict[str, torch.Tensor],
+        names: Sequence[str],
+        edges: slice | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Outputs of the heads ``names`` and of the bases they add to, in head order."""
+        needed = set(names)
+        for name in reversed(list(self.heads)):  # bases come before the heads that use them
+            if name in needed and name in self.bases:
+                needed.add(self.bases[name])
+        out: dict[str, torch.Tensor] = {}
+        for name, head in self.heads.items():
+            if name in needed:
+                y = head(features, batch) if edges is None else head(features, batch, edges)
+                out[name] = y + out[self.bases[name]] if name in self.bases else y
+        return {name: out[name] for name in names}
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        features = self.features(batch)
-        return {name: head(features, batch) for name, head in self.heads.items()}
+        return self._run_heads(self.features(batch), batch, list(self.heads))
 
     @torch.no_grad()
     def predict_chunks(
@@ -97,9 +154,9 @@ class UniversalHamiltonianModel(nn.Module):
         (default all). No autograd graph is kept.
         """
         features = self.features(batch, edge_chunk)
-        heads = {name: self.heads[name] for name in (names or list(self.heads))}
+        names = list(names or self.heads)
         for edges in edge_slices(features.onsite.shape[0], edge_chunk):
-            yield edges, {name: head(features, batch, edges) for name, head in heads.items()}
+            yield edges, self._run_heads(features, batch, names, edges)
 
 
 # ----------------------------------------------------------------------------- config
@@ -118,8 +175,11 @@ DEFAULTS: dict[str, Any] = {
     "conv": "tensor_product",
     "optimize_einsums": True,
     "heads": {keys.H: {"type": "block", "scale": 1.0}, keys.S: {"type": "block", "scale": 1.0}},
+    "lora": None,
 }
-"""Every key a model config may hold (plus ``_target_`` and ``basis``), with defaults."""
+"""Every key a model config may hold (plus ``_target_`` and ``basis``), with defaults.
+``heads``: name → ``{type, base, …}`` (`head_keys`); ``lora``: null or ``{rank: r}``
+(`foundation.model.lora`)."""
 
 _IGNORED = {"_target_", "basis"}
 
@@ -156,18 +216,55 @@ def resolve_config(cfg: Mapping[str, Any] | None = None, **overrides: Any) -> di
         raise ValueError(
             f"Unknown convolution {resolved['conv']!r}; known: {', '.join(CONVOLUTIONS)}."
         )
-    for name, spec in resolved["heads"].items():
-        head_type = spec.get("type", "block")
-        if head_type not in HEADS:
-            raise ValueError(
-                f"Head {name!r}: unknown type {head_type!r}{_closest(head_type, list(HEADS))}."
-            )
-        extra = set(spec) - {"type", "scale"}
-        if extra:
-            raise ValueError(
-                f"Head {name!r}: unknown key(s) {sorted(extra)}; allowed: type, scale."
-            )
+    names = list(resolved["heads"])
+    for k, (name, spec) in enumerate(resolved["heads"].items()):
+        check_head_spec(name, spec, names[: k + 1])
+    lora = resolved["lora"]
+    if lora is not None:
+        if not isinstance(lora, Mapping) or set(lora) - set(LORA_KEYS) or "rank" not in lora:
+            raise ValueError(f"lora must be null or {{rank: r}}, got {lora!r}.")
     return resolved
+
+
+def head_keys(head_type: str) -> list[str]:
+    """Config keys of a head of ``head_type``: ``type``, ``base`` and the head class's
+    keyword arguments after ``universal`` (e.g. ``scale``, ``cutoff_A``)."""
+    params = list(inspect.signature(HEADS[head_type].__init__).parameters)
+    return ["type", "base", *params[params.index("universal") + 1 :]]
+
+
+def check_head_spec(name: str, spec: Mapping[str, Any], before: Sequence[str]) -> None:
+    """Raise naming the head and the fix if ``spec`` has an unknown type or key, or a
+    ``base`` that is not one of the heads ``before`` it (``before`` ends with ``name``)."""
+    head_type = spec.get("type", "block")
+    if head_type not in HEADS:
+        raise ValueError(
+            f"Head {name!r}: unknown type {head_type!r}{_closest(head_type, list(HEADS))}."
+        )
+    allowed = head_keys(head_type)
+    extra = sorted(set(spec) - set(allowed))
+    if extra:
+        raise ValueError(
+            f"Head {name!r}: unknown key(s) {extra}{_closest(extra[0], allowed)}; allowed for "
+            f"type {head_type!r}: {', '.join(allowed)}."
+        )
+    base = spec.get("base")
+    if base is not None and (base == name or base not in before):
+        raise ValueError(
+            f"Head {name!r}: base {base!r} must be a head listed before it "
+            f"({', '.join(b for b in before if b != name) or 'none'})."
+        )
+
+
+def make_head(spec: Mapping[str, Any], config: Mapping[str, Any], basis: BasisSet) -> nn.Module:
+    """A head from its config entry, on the node/edge irreps of the model ``config``."""
+    kwargs = {k: v for k, v in spec.items() if k not in ("type", "base")}
+    return HEADS[spec.get("type", "block")](
+        config["irreps_node"],
+        config["irreps_edge"] or config["irreps_node"],
+        basis.universal,
+        **kwargs,
+    )
 
 
 def build_model(
@@ -195,12 +292,9 @@ def build_model(
         basis = BasisSet.from_dict(basis)
     config = resolve_config(cfg, **overrides)
     irreps_edge = config["irreps_edge"] or config["irreps_node"]
-    heads = {  # first: they check that the irreps can express every block of the basis
-        name: HEADS[spec.get("type", "block")](
-            config["irreps_node"], irreps_edge, basis.universal, scale=spec.get("scale", 1.0)
-        )
-        for name, spec in config["heads"].items()
-    }
+    # heads first: they check that the irreps can express every block of the basis
+    heads = {name: make_head(spec, config, basis) for name, spec in config["heads"].items()}
+    bases = {name: spec["base"] for name, spec in config["heads"].items() if spec.get("base")}
     backbone = Backbone(
         elements=basis.atomic_numbers,
         cutoff_A=config["cutoff_A"],
@@ -216,9 +310,12 @@ def build_model(
         conv=config["conv"],
         optimize_einsums=config["optimize_einsums"],
     )
-    return UniversalHamiltonianModel(
-        basis, backbone, heads, config=config | {"basis": basis.to_dict()}
+    model = UniversalHamiltonianModel(
+        basis, backbone, heads, config=config | {"basis": basis.to_dict()}, bases=bases
     )
+    if config["lora"] is not None:
+        add_lora(model, **config["lora"])
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -229,6 +326,9 @@ __all__ = [
     "DEFAULTS",
     "UniversalHamiltonianModel",
     "build_model",
+    "check_head_spec",
     "count_parameters",
+    "head_keys",
+    "make_head",
     "resolve_config",
 ]
