@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ def check_dataset_fits_model(datamodule: Any, model: Any) -> None:
     cutoff = datamodule.manifest.get("edge_cutoff_A")
     if cutoff is not None and float(cutoff) > float(model.cutoff_A) + 1e-9:
         raise ConfigError(
-            f"Dataset {datamodule.root} has edges up to {cutoff} Å but model.cutoff_A is "
-            f"{model.cutoff_A} Å (features vanish there); set model.cutoff_A={cutoff} or more."
+            f"Dataset {datamodule.root} has edges up to {cutoff} Å but the model reaches "
+            f"{model.cutoff_A} Å (the larger of model.cutoff_A and a head's own cutoff_A; its "
+            f"features vanish there); set model.cutoff_A={cutoff} or more."
         )
 
 
@@ -104,7 +106,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model_cfg = plain(cfg.model)
-    basis = model_cfg.pop("basis", None) or datamodule.manifest["basis"]
+    basis = model_cfg.pop("basis", None) or datamodule.basis.to_dict()
     module = instantiate(
         cfg.task,
         model=model_cfg,
@@ -155,24 +157,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for result in trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero):
             metrics.update({k: float(v) for k, v in result.items()})
     if trainer.is_global_zero:
-        log.info(summary(metrics, trainer.global_step, fit_s, Path(cfg.paths.output_dir)))
+        targets = [module.monitor_target] + [
+            t for t in module.targets if t != module.monitor_target
+        ]
+        out = Path(cfg.paths.output_dir)
+        log.info(summary(metrics, trainer.global_step, fit_s, out, targets))
     return metrics
 
 
-def summary(metrics: dict[str, float], steps: int, fit_s: float, out: Path) -> str:
-    """One line that ends a run: last validation and test MAE of H (meV), steps, wall time."""
+def summary(
+    metrics: dict[str, float],
+    steps: int,
+    fit_s: float,
+    out: Path,
+    targets: Sequence[str] = ("h",),
+) -> str:
+    """One line that ends a run: steps, wall time, and the last validation and test MAE of
+    each of ``targets`` (meV for H-like targets, with on-/off-site; 10⁻³ for S)."""
+    from foundation.train.metrics import unit
+
     parts = [f"{steps} steps in {fit_s / 60:.1f} min"]
     for split in ("val", "test"):
-        if f"{split}/mae_meV" in metrics:
+        for target in targets:
+            label = unit(target)[0]
+            key = f"{split}/mae_{target}_{label}"
+            if key not in metrics:
+                continue
             detail = ", ".join(
-                f"{part} {metrics[key]:.1f}"
-                for part, key in (
-                    ("on-site", f"{split}/mae_h_onsite_meV"),
-                    ("off-site", f"{split}/mae_h_offsite_meV"),
-                )
-                if key in metrics
+                f"{word} {metrics[f'{split}/mae_{target}_{part}_{label}']:.1f}"
+                for part, word in (("onsite", "on-site"), ("offsite", "off-site"))
+                if f"{split}/mae_{target}_{part}_{label}" in metrics
             )
-            parts.append(f"{split} H MAE {metrics[f'{split}/mae_meV']:.2f} meV ({detail})")
+            name = "H" if target == "h" else "S" if target == "s" else target
+            parts.append(f"{split} {name} MAE {metrics[key]:.2f} {label} ({detail})")
     return f"Finished: {'; '.join(parts)}. Run directory: {out}"
 
 

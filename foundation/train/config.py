@@ -52,21 +52,34 @@ def suggest(key: str, valid: Iterable[str]) -> str:
 
 
 def _target_parameters(target: str) -> tuple[list[str], bool]:
-    """(parameter names, accepts **kwargs) of the callable a ``_target_`` names."""
+    """(parameter names, accepts any **kwargs) of the callable a ``_target_`` names.
+
+    A class of this package whose ``__init__`` passes ``**kwargs`` on to its base class (a
+    task subclassing `HamiltonianModule`) also takes the base's parameters: they are
+    collected along the MRO up to an ``__init__`` without ``**kwargs``, and the keys are then
+    still checked. Other code's ``**kwargs`` may go anywhere, so it accepts any key."""
     from hydra.utils import get_object
 
     try:
         obj = get_object(target)
     except Exception as exc:
         raise ConfigError(f"_target_ {target!r} cannot be imported: {exc}") from None
-    sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
-    names = [
-        n
-        for n, p in sig.parameters.items()
-        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    return names, var_kw
+    names: list[str] = []
+    for cls in obj.__mro__ if inspect.isclass(obj) else [obj]:
+        if names and not cls.__module__.startswith("foundation."):
+            return names, True
+        fn = cls.__init__ if inspect.isclass(obj) else cls
+        params = list(inspect.signature(fn).parameters.values())
+        names += [
+            p.name
+            for p in params
+            if p.name != "self"
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name not in names
+        ]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names, False
+    return names, True
 
 
 def check_target_node(
