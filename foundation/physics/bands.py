@@ -357,6 +357,32 @@ def electronic_structure(
     )
 
 
+def band_gap(
+    ham: BlochHamiltonian,
+    *,
+    mesh: Sequence[int] | None = None,
+    mesh_spacing: float = 0.2,
+    kpts: np.ndarray | None = None,
+    n_electrons: float | None = None,
+) -> float:
+    """Band gap (eV): CBM − VBM over a Γ-centred mesh and the extra fractional k-points
+    ``kpts`` (e.g. a record's ``meta["dft_bands"]["kpts_frac"]``), 0 for a metal (odd
+    electron count or overlapping bands; `fermi_level`).
+
+    ``mesh`` defaults to `kmesh` at ``mesh_spacing`` (1/Å, 2π included); ``n_electrons`` to
+    the Hamiltonian's. The gap does not depend on the energy zero, so blocks of H − μS do.
+    """
+    n_el = ham.n_electrons if n_electrons is None else float(n_electrons)
+    if n_el is None:
+        raise ValueError(
+            f"{ham.key or 'structure'}: the electron count is unknown (meta['n_electrons']); "
+            "pass n_electrons (valence electrons of the pseudopotential)."
+        )
+    mesh = tuple(mesh) if mesh is not None else kmesh(ham.cell, ham.pbc, mesh_spacing)
+    extra = [] if kpts is None or len(kpts) == 0 else [ham.eigenvalues(np.asarray(kpts))]
+    return fermi_level(ham.eigenvalues(mesh_kpoints(mesh)), n_el, band_edges_from=extra).gap_eV
+
+
 def band_errors(
     pred: np.ndarray,
     ref: np.ndarray,
