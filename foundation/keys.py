@@ -25,7 +25,8 @@ N_EDGES = "n_edges"  # (B,) edges per structure
 H = "h"  # Hamiltonian blocks H − μS
 S = "s"  # overlap blocks
 H_HSE = "h_hse"  # hybrid-functional Hamiltonian blocks (fine-tuning)
-DH = "dh"  # finite-displacement derivatives dH/du (e-ph)
+DH = "dh"  # d h / du_κα, one row per Cartesian displacement (e-ph), eV/Å; layout: record.py
+DS = "ds"  # d s / du_κα, one row per Cartesian displacement (e-ph), 1/Å
 BLOCK_MASK = "block_mask"  # (E, n_uni, n_uni) bool: which padded entries are real orbitals
 PRESENT_SUFFIX = "_present"  # f"{target}_present": (E,) bool, the edge's structure has the target
 ONSITE = "onsite"  # (E,) bool: i == j and R == 0

@@ -11,6 +11,11 @@
 * `structure_to_graph` does the same for a bare structure (prediction), on `neighbor_edges`.
 * `reverse_edge_index` pairs every edge (i, j, R) with its reverse (j, i, −R).
 * `collate_graphs` concatenates graphs into one batch (offsetting indices).
+* Electron–phonon targets (``dh``, ``ds``: one block array per Cartesian displacement u_κα,
+  `foundation.data.record.DISPLACEMENT_TARGETS`) are padded to (3N·E, n_uni, n_uni), rows
+  ordered displacement-major (row p·E + e = d/du_p of edge e, p = 3κ + α), so batches of
+  structures with different N concatenate like any other target; `displacement_rows` and
+  `displacement_tangents` tell a model-side derivative which rows are which.
 * `blocks_from_padded` is the inverse of the padding, for export.
 
 Units: Å; blocks in eV (H) or dimensionless (S), package orbital order (DESIGN.md §3).
@@ -26,7 +31,7 @@ from ase.neighborlist import primitive_neighbor_list
 
 from foundation import keys
 from foundation.basis import UniversalBasis
-from foundation.data.record import HamiltonianRecord, RecordError
+from foundation.data.record import DISPLACEMENT_TARGETS, HamiltonianRecord, RecordError
 
 _INDEX_KEYS = {keys.EDGE_INDEX: keys.N_ATOMS, keys.EDGE_REVERSE: keys.N_EDGES}
 
@@ -159,6 +164,8 @@ def record_to_graph(
     EDGE_SHIFT (E, 3) long, EDGE_REVERSE (E,) long, ONSITE (E,) bool, BLOCK_MASK
     (E, n_uni, n_uni) bool, each target (E, n_uni, n_uni) zero-padded, N_ATOMS and N_EDGES
     (1,) long. Floating tensors have ``dtype``. Edges are the record's, in its order.
+    A `DISPLACEMENT_TARGETS` target is (3N·E, n_uni, n_uni): row p·E + e holds d/du_p (p =
+    3κ + α) of edge e's block (zero rows when an optional one is absent).
 
     ``optional``: targets the record may lack (e.g. ``h_hse`` on replayed pretraining data).
     Each gets presence flags ``keys.present(name)`` (E,) bool — all True if the record has it,
@@ -180,16 +187,62 @@ def record_to_graph(
             has = _has_target(record, name)
             graph[keys.present(name)] = torch.full((record.n_edges,), has)
             if not has:
+                padded = padded[:0] if name in DISPLACEMENT_TARGETS else padded
                 graph[name] = torch.as_tensor(padded, dtype=dtype)
                 continue
-        blocks = record.blocks(name)  # raises a RecordError naming the record if absent
-        for sel in groups:
-            ii, jj = index[numbers[src[sel[0]]]], index[numbers[dst[sel[0]]]]
-            padded[sel[:, None, None], ii[None, :, None], jj[None, None, :]] = np.stack(
-                [blocks[e] for e in sel]
-            )
-        graph[name] = torch.as_tensor(padded, dtype=dtype)
+        rows = record.target_rows(name)  # raises a RecordError naming the record if absent
+        padded = np.zeros((len(rows), record.n_edges, n_uni, n_uni), dtype=np.float64)
+        for row in range(len(rows)):
+            blocks = record.blocks(name, row)
+            for sel in groups:
+                ii, jj = index[numbers[src[sel[0]]]], index[numbers[dst[sel[0]]]]
+                padded[row, sel[:, None, None], ii[None, :, None], jj[None, None, :]] = np.stack(
+                    [blocks[e] for e in sel]
+                )
+        graph[name] = torch.as_tensor(padded.reshape(-1, n_uni, n_uni), dtype=dtype)
     return graph
+
+
+def displacement_tangents(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(3·max N_b, N, 3) tangents of a batch: tangent 3a + α moves atom a of *every* structure
+    (that has one) along axis α by 1 Å. Structures in a batch do not interact, so the
+    derivative of structure b's blocks along it is d/du_(a,α) of that structure alone: 3·max N
+    directional derivatives give every structure's 3N_b Cartesian derivatives."""
+    n_atoms = batch[keys.N_ATOMS]
+    positions = batch[keys.POSITIONS]
+    device = positions.device
+    start = torch.cumsum(n_atoms, 0) - n_atoms
+    atom = torch.arange(positions.shape[0], device=device)
+    local = atom - torch.repeat_interleave(start, n_atoms)  # index within its structure
+    tangents = torch.zeros(
+        3 * int(n_atoms.max()), len(atom), 3, dtype=positions.dtype, device=device
+    )
+    for axis in range(3):
+        tangents[3 * local + axis, atom, axis] = 1.0
+    return tangents
+
+
+def displacement_rows(
+    batch: dict[str, torch.Tensor], name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tangent, edge) long index of every row of a collated `DISPLACEMENT_TARGETS` target
+    ``name`` (Σ_b 3N_b·E_b rows, per structure displacement-major): the row holds the
+    derivative along `displacement_tangents` ``[tangent]`` of the block of batch edge
+    ``edge``. Structures whose presence flags (``keys.present(name)``) are False hold no rows."""
+    n_edges = batch[keys.N_EDGES]
+    device = n_edges.device
+    start = torch.cumsum(n_edges, 0) - n_edges
+    flags = batch.get(keys.present(name))
+    tangent, edge = [], []
+    for n, e, e0 in zip(
+        batch[keys.N_ATOMS].tolist(), n_edges.tolist(), start.tolist(), strict=True
+    ):
+        if e == 0 or (flags is not None and not bool(flags[e0])):
+            continue
+        tangent.append(torch.arange(3 * n, device=device).repeat_interleave(e))
+        edge.append(e0 + torch.arange(e, device=device).repeat(3 * n))
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([empty, *tangent]), torch.cat([empty, *edge])
 
 
 def collate_graphs(graphs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -263,6 +316,8 @@ def blocks_from_padded(
 __all__ = [
     "blocks_from_padded",
     "collate_graphs",
+    "displacement_rows",
+    "displacement_tangents",
     "neighbor_edges",
     "record_to_graph",
     "reverse_edge_index",

@@ -12,6 +12,14 @@ consumes them, so conventions are enforced once, here:
 
 Blocks are stored flat (all blocks concatenated in edge order, each row-major), exactly as
 in shards, so a record converts to and from npy/json files without copies or pickle.
+
+Extras (``extras``) are further targets in the same block layout: one flat array of the
+total block size (e.g. ``h_hse``), or, for the electron–phonon targets `DISPLACEMENT_TARGETS`
+(``dh``, ``ds``), a (3N, total) array with one flat block array per Cartesian displacement:
+row 3κ + α holds d/du_κα (atom κ, axis α = x, y, z; atom-major) of ``h`` (eV/Å) or ``s``
+(1/Å) on the record's own edges, with the lattice fixed (moving atom κ moves all its
+periodic images). ``dh`` is the derivative of the stored target H − μS, μ included
+(`shifted_derivative`), so it is what the model's H head must reproduce.
 """
 
 from __future__ import annotations
@@ -38,11 +46,29 @@ class RecordError(ValueError):
     """A record violates a convention; the message names the structure, edge and block."""
 
 
+DISPLACEMENT_TARGETS = (keys.DH, keys.DS)
+"""Extras with one row per Cartesian displacement: shape (3N, total), row 3κ + α = d/du_κα."""
+
+
 def energy_zero(h: np.ndarray, s: np.ndarray) -> float:
     """μ = ⟨H,S⟩/⟨S,S⟩ (eV) over flat block arrays: the shift that best removes S from H."""
     h = np.asarray(h, dtype=np.float64)
     s = np.asarray(s, dtype=np.float64)
     return float(np.dot(h, s) / np.dot(s, s))
+
+
+def shifted_derivative(
+    h: np.ndarray, s: np.ndarray, dh: np.ndarray, ds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(d(H − μS)/dλ, dμ/dλ) from the absolute H, S (flat, eV) and their derivatives dH, dS
+    (…, total) along displacement patterns, with μ = `energy_zero` (H, S) on these same
+    edges: dμ = (⟨dH,S⟩ + ⟨H,dS⟩ − 2μ⟨S,dS⟩)/⟨S,S⟩ and d(H − μS) = dH − μ dS − dμ S.
+    The first is the derivative of a record's stored target ``h``."""
+    h, s = np.asarray(h, dtype=np.float64), np.asarray(s, dtype=np.float64)
+    dh, ds = np.asarray(dh, dtype=np.float64), np.asarray(ds, dtype=np.float64)
+    mu, norm = energy_zero(h, s), float(np.dot(s, s))
+    dmu = (dh @ s + ds @ h - 2.0 * mu * (ds @ s)) / norm
+    return dh - mu * ds - dmu[..., None] * s, dmu
 
 
 @dataclass
@@ -167,9 +193,20 @@ class HamiltonianRecord:
         sizes = np.prod(self.block_shapes, axis=1)
         return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
-    def blocks(self, name: str = keys.H) -> list[np.ndarray]:
-        """Per-edge 2-D blocks of `h`, `s` or an extra with the same layout."""
-        flat = self._flat(name)
+    def target_shape(self, name: str) -> tuple[int, ...]:
+        """Shape a target must have: (total,), or (3N, total) for `DISPLACEMENT_TARGETS`."""
+        total = int(self.block_offsets[-1])
+        return (3 * self.n_atoms, total) if name in DISPLACEMENT_TARGETS else (total,)
+
+    def target_rows(self, name: str) -> np.ndarray:
+        """A target as (rows, total): one row for `h`, `s` and block extras, 3N rows (d/du_κα,
+        atom-major) for `DISPLACEMENT_TARGETS`."""
+        return self._flat(name).reshape(-1, int(self.block_offsets[-1]))
+
+    def blocks(self, name: str = keys.H, row: int = 0) -> list[np.ndarray]:
+        """Per-edge 2-D blocks of `h`, `s` or an extra with the same layout; ``row``: which
+        displacement of a `DISPLACEMENT_TARGETS` extra (3κ + α)."""
+        flat = self.target_rows(name)[row]
         off = self.block_offsets
         return [
             flat[off[e] : off[e + 1]].reshape(shape) for e, shape in enumerate(self.block_shapes)
@@ -237,43 +274,47 @@ class HamiltonianRecord:
             )
         if np.any(self.edges[:, 2:5][:, ~self.pbc] != 0):
             raise RecordError(f"{k}: an edge has a lattice translation along a non-periodic axis.")
-        total = int(self.block_offsets[-1])
-        arrays = {keys.H: self.h, keys.S: self.s} | {
-            n: a for n, a in self.extras.items() if a.size == total
-        }
+        arrays = {keys.H: self.h, keys.S: self.s} | dict(self.extras)
+        arrays = {name: arr for name, arr in arrays.items() if arr is not None}
         for name, arr in arrays.items():
-            if arr is None:
-                continue
-            if arr.size != total:
+            shape = self.target_shape(name)
+            if arr.size != int(np.prod(shape)):
+                rows = f"{shape[0]} displacements × " if len(shape) == 2 else ""
                 raise RecordError(
                     f"{k}: '{name}' holds {arr.size} values but the basis {self.basis.name!r} "
-                    f"and {self.n_edges} edges need {total}: wrong basis or truncated blocks."
+                    f"and {self.n_edges} edges need {rows}{shape[-1]}: wrong basis, atom count "
+                    "or truncated blocks."
                 )
-            if not np.all(np.isfinite(arr)):
-                e = int(
-                    np.searchsorted(
-                        self.block_offsets, np.flatnonzero(~np.isfinite(arr))[0], side="right"
-                    )
-                    - 1
-                )
+            bad = np.argwhere(~np.isfinite(arr.reshape(-1, shape[-1])))
+            if len(bad):
+                row, at = (int(x) for x in bad[0])
+                e = int(np.searchsorted(self.block_offsets, at, side="right") - 1)
+                where = f" (displacement row {row})" if len(shape) == 2 else ""
                 raise RecordError(
-                    f"{k}: '{name}' has a non-finite value in block of edge {e} {self.edges[e].tolist()}."
+                    f"{k}: '{name}' has a non-finite value in block of edge {e} "
+                    f"{self.edges[e].tolist()}{where}."
                 )
         rev = self.reverse_edge_index()
-        for name in (keys.H, keys.S):
-            if arrays.get(name) is None:
+        for name in [keys.H, keys.S, *DISPLACEMENT_TARGETS]:
+            if name not in arrays:
                 continue
-            blocks = self.blocks(name)
-            for e, r in enumerate(rev):
-                if r < e:
-                    continue
-                err = float(np.max(np.abs(blocks[e] - blocks[r].T)))
-                if err > herm_atol:
-                    raise RecordError(
-                        f"{k}: '{name}' is not hermitian: block of edge {e} {self.edges[e].tolist()} "
-                        f"differs from the transpose of its reverse edge {r} by {err:.3g} "
-                        f"(tolerance {herm_atol:g}); check the orbital convention of the source."
-                    )
+            for row in range(self.target_rows(name).shape[0]):
+                self._check_hermitian(name, row, rev, herm_atol)
+
+    def _check_hermitian(self, name: str, row: int, rev: np.ndarray, atol: float) -> None:
+        """Block e of ``name`` (displacement ``row``) = transpose of its reverse edge's."""
+        blocks = self.blocks(name, row)
+        for e, r in enumerate(rev):
+            if r < e:
+                continue
+            err = float(np.max(np.abs(blocks[e] - blocks[r].T)))
+            if err > atol:
+                where = f" (displacement row {row})" if name in DISPLACEMENT_TARGETS else ""
+                raise RecordError(
+                    f"{self.key}: '{name}'{where} is not hermitian: block of edge {e} "
+                    f"{self.edges[e].tolist()} differs from the transpose of its reverse edge {r} "
+                    f"by {err:.3g} (tolerance {atol:g}); check the orbital convention of the source."
+                )
 
     # ------------------------------------------------------------------ files (npy/json)
     def structure_json(self) -> dict:

@@ -7,7 +7,8 @@ Layout of a dataset directory (DESIGN.md §4)::
 
 A sample is one `HamiltonianRecord`, stored as the members of ``record.to_files()``:
 ``{key}.structure.json``, ``{key}.edges.npy``, ``{key}.h.npy``, ``{key}.s.npy`` and one
-``{key}.<extra>.npy`` per extra target. Only ``.json`` and ``.npy`` members are ever
+``{key}.<extra>.npy`` per extra target (``dh``/``ds``: (3N, total), one row per Cartesian
+displacement, see `foundation.data.record`). Only ``.json`` and ``.npy`` members are ever
 read (npy with ``allow_pickle=False``); anything else, pickle included, is refused.
 Keys may hold letters, digits, ``_`` and ``-`` only (webdataset splits names at the
 first dot).
@@ -471,12 +472,12 @@ def decode_sample(sample: Mapping[str, bytes], origin: str) -> HamiltonianRecord
         record = HamiltonianRecord.from_files(members, origin=where)
         if record.key != key:
             raise RecordError(f"{where}: structure.json names key {record.key!r}")
-        total = int(record.block_offsets[-1])
         for name, arr in {keys.H: record.h, keys.S: record.s, **record.extras}.items():
-            if arr is not None and arr.size != total:
+            shape = record.target_shape(name)
+            if arr is not None and arr.size != int(np.prod(shape)):
                 raise RecordError(
-                    f"{where}: '{name}.npy' holds {arr.size} values, the basis and "
-                    f"{record.n_edges} edges need {total}"
+                    f"{where}: '{name}.npy' holds {arr.size} values, the basis, "
+                    f"{record.n_atoms} atoms and {record.n_edges} edges need {shape}"
                 )
     except (RecordError, KeyError, TypeError, ValueError) as exc:
         msg = exc.args[0] if exc.args else repr(exc)
