@@ -35,6 +35,7 @@ Units: Å, eV, atomic masses in amu, phonon frequencies in THz (ν, as phonopy p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -162,7 +163,9 @@ def eph_matrix_elements(
     """(ε_nk (B,) eV, g_mn(k, q = 0) (B, B)) for one displacement pattern, q = 0 only.
 
     ``bloch``: H(R), S(R) of the undisplaced structure (absolute or μ-shifted H; see the
-    module docstring for what the energy zero changes); ``dh``, ``ds``: flat dH(R)/dλ,
+    module docstring for what the energy zero changes) — ``dh`` must be the derivative of
+    that same H (absolute dH with absolute H; a record's ``dh`` = d(H − μS) with its ``h``:
+    mixing them is wrong by μ·c†dS c); ``dh``, ``ds``: flat dH(R)/dλ,
     dS(R)/dλ on the same edges and layout (e.g. `directional_derivative` of Cartesian
     derivatives and a `zero_point_displacement` → g in eV; a unit Cartesian pattern → eV/Å).
     ``ds`` None means a λ-independent S (orthonormal basis or fixed overlap). ``k``
@@ -182,11 +185,75 @@ def eph_matrix_elements(
     return eps, dhk - dsk * eps[None, :]
 
 
+@dataclass
+class Couplings:
+    """g_mnν(k, q = 0) of M phonon modes at K electron k-points: ``kpoints_frac`` (K, 3),
+    ``eigenvalues_eV`` (K, B), ``g_eV`` (K, M, B, B) complex (m, n band indices of the kept
+    bands), from `mode_couplings`."""
+
+    kpoints_frac: np.ndarray
+    eigenvalues_eV: np.ndarray
+    g_eV: np.ndarray
+
+    def degenerate_abs(self, tol_eV: float = 1e-4) -> np.ndarray:
+        """(K, M, B, B) gauge-invariant |g|: within degenerate levels (|Δε| < ``tol_eV``) the
+        eigenvectors are arbitrary, so |g_mn|² is averaged over the states of m's and of n's
+        level, sqrt(Σ_{m'∈D(m), n'∈D(n)} |g_m'n'|² / (|D(m)| |D(n)|)) (the usual convention
+        of e-ph codes); equals |g_mn| where nothing is degenerate."""
+        out = np.empty(self.g_eV.shape)
+        for k, eps in enumerate(self.eigenvalues_eV):
+            level = np.concatenate([[0], np.cumsum(np.diff(eps) > tol_eV)])
+            average = (level[:, None] == level[None, :]).astype(np.float64)
+            average /= average.sum(axis=1, keepdims=True)  # (B, B): mean over one's level
+            out[k] = np.sqrt(average @ np.abs(self.g_eV[k]) ** 2 @ average.T)
+        return out
+
+
+def mode_couplings(
+    bloch: BlochHamiltonian,
+    dh: np.ndarray,
+    ds: np.ndarray | None,
+    kpoints_frac: Sequence[Sequence[float]] = ((0.0, 0.0, 0.0),),
+    bands: Sequence[int] | slice | None = None,
+) -> Couplings:
+    """`eph_matrix_elements` for M displacement patterns at K k-points: ``dh``, ``ds`` (M,
+    total) directional derivatives (e.g. along `zero_point_displacement`s → g in eV)."""
+    dh = np.asarray(dh, dtype=np.float64).reshape(-1, np.shape(dh)[-1])
+    kpoints = np.asarray(kpoints_frac, dtype=np.float64).reshape(-1, 3)
+    eigenvalues, g = [], []
+    for k in kpoints:
+        per_mode = [
+            eph_matrix_elements(bloch, dh[m], None if ds is None else ds[m], k, bands)
+            for m in range(len(dh))
+        ]
+        eigenvalues.append(per_mode[0][0])
+        g.append([gm for _, gm in per_mode])
+    return Couplings(kpoints, np.array(eigenvalues), np.array(g))
+
+
+def record_couplings(
+    record,
+    displacements: np.ndarray,
+    kpoints_frac: Sequence[Sequence[float]] = ((0.0, 0.0, 0.0),),
+    bands: Sequence[int] | slice | None = None,
+) -> Couplings:
+    """g along ``displacements`` (M, N, 3) Å of the finite-difference derivatives a record
+    stores (``dh``, ``ds`` extras, e.g. eph_mini): the record's ``h`` = H − μS with its
+    ``dh`` = d(H − μS)/du, a consistent pair (g_nn differ from absolute-H ones by dμ/dλ)."""
+    bloch = BlochHamiltonian(record.numbers, record.basis, record.edges, record.h, record.s)
+    dh = [directional_derivative(record.target_rows(keys.DH), u) for u in displacements]
+    ds = [directional_derivative(record.target_rows(keys.DS), u) for u in displacements]
+    return mode_couplings(bloch, np.array(dh), np.array(ds), kpoints_frac, bands)
+
+
 __all__ = [
+    "Couplings",
     "cartesian_displacements",
     "directional_derivative",
     "eph_matrix_elements",
     "flat_blocks",
+    "mode_couplings",
     "model_hamiltonian_derivative",
+    "record_couplings",
     "zero_point_displacement",
 ]

@@ -1,6 +1,7 @@
 """`foundation-predict`: checkpoint + any ASE-readable structure → H(R), S(R), bands, DOS.
 
     foundation-predict model.pt POSCAR -o out/ [--compare dft_folder/] [--overlap analytic]
+    foundation-predict model.pt POSCAR -o out/ --eph phonopy_params.yaml [--eph-k 0 0 0 ...]
 
 Steps: read the structure (ASE; a file ASE cannot read stops with the file name, ASE's
 message and a fix) → edges (i, j, R) with `foundation.data.graph.neighbor_edges` at the
@@ -25,6 +26,16 @@ Decisions:
   band errors are measured from each set's own Fermi level (midgap for insulators).
 * **Molecules** (no periodic axis): put in a box with ``cutoff`` of vacuum and written as a
   periodic DeepH folder (no edge crosses the box); bands reduce to Γ.
+* **Electron–phonon** (``--eph PHONONS``): Γ phonons of the structure from a phonopy
+  params YAML with force constants or a FORCE_CONSTANTS file of the cell itself
+  (`foundation.physics.phonons`); for every optical mode ν the zero-point displacement
+  u_ν, the model's ∂_ν H = Σ u·dH/du by forward-mode autograd on the predicted edges (and
+  ∂_ν S from the S head, or exact PySCF overlaps with ``--overlap analytic``), and
+  g_mnν(k, q = 0) = c_m†[∂_ν H − ε_n ∂_ν S]c_n at the ``--eph-k`` points (default Γ),
+  written to ``eph.npz`` (g in meV, complex (K, M, B, B); the gauge-invariant |g| with
+  degenerate states averaged; band energies in eV; frequencies in THz) and summarised in
+  ``eph.json``. The model's H carries an unknown energy zero μ(positions), so diagonal
+  elements g_nn include an unknown common dμ/du_ν; off-diagonal ones do not depend on it.
 * **Memory**: inference runs without autograd in chunks of ``--edge-chunk`` edges
   (`UniversalHamiltonianModel.predict_chunks`): every per-edge step of the backbone and the
   heads holds one chunk of intermediates at a time, and each chunk's padded blocks are
@@ -276,6 +287,98 @@ def predict_record(
     return record, timings
 
 
+def predict_eph(
+    model,
+    record: HamiltonianRecord,
+    phonons,
+    kpoints_frac: np.ndarray,
+    *,
+    head: str = keys.H,
+    overlap: str = "model",
+    chunk_size: int | None = None,
+):
+    """(Couplings (g in eV), zero-point displacements (M, N, 3) Å) of the optical Γ modes of
+    ``phonons`` (`GammaPhonons` of this cell) for the model's ``head`` on ``record``'s edges
+    (a `predict_record` result). ``overlap``: ``model`` (∂S from the S head) or ``analytic``
+    (PySCF exact overlaps). ``chunk_size``: modes per vectorised jvp (memory)."""
+    import ase
+
+    from foundation.data.graph import record_to_graph
+    from foundation.physics.eph import flat_blocks, mode_couplings, model_hamiltonian_derivative
+    from foundation.physics.kspace import BlochHamiltonian
+
+    patterns = phonons.zero_point_patterns()
+    if len(patterns) == 0:
+        raise PredictError(
+            f"{phonons.source}: no optical Γ mode above 0.5 THz (frequencies "
+            f"{np.round(phonons.frequencies_THz, 3).tolist()} THz); nothing couples at q = 0."
+        )
+    graph = record_to_graph(record, model.universal, targets=())
+    heads = [head] + ([keys.S] if overlap == "model" else [])
+    derivative = model_hamiltonian_derivative(model, graph, patterns, heads, chunk_size)
+    flat = {
+        name: flat_blocks(d, record.numbers, record.edges, model.universal)
+        for name, d in derivative.items()
+    }
+    if overlap == "analytic":
+        from foundation.data.dft.pyscf import overlap_derivatives
+
+        atoms = ase.Atoms(
+            numbers=record.numbers, positions=record.positions, cell=record.cell, pbc=True
+        )
+        flat[keys.S] = overlap_derivatives(atoms, record.edges, patterns, basis=model.basis.name)
+    bloch = BlochHamiltonian.from_record(record)
+    return mode_couplings(bloch, flat[head], flat[keys.S], kpoints_frac), patterns
+
+
+def write_eph(args: argparse.Namespace, model, atoms, record: HamiltonianRecord, out: Path) -> dict:
+    """``--eph``: g of the Γ optical modes at ``--eph-k`` → out/eph.npz + eph.json; returns the
+    summary (module notes)."""
+    from foundation.physics.phonons import PhononError, load_gamma_phonons
+
+    if not atoms.pbc.all():
+        raise PredictError(f"{args.structure}: --eph needs a 3-D periodic crystal.")
+    try:
+        phonons = load_gamma_phonons(args.eph, structure=atoms)
+    except PhononError as exc:
+        raise PredictError(str(exc)) from None
+    kpoints = np.array(args.eph_k or [[0.0, 0.0, 0.0]], dtype=np.float64)
+    t0 = time.perf_counter()
+    couplings, patterns = predict_eph(model, record, phonons, kpoints, overlap=args.overlap)
+    modes = phonons.optical_modes
+    g_meV = 1e3 * couplings.g_eV
+    abs_meV = 1e3 * couplings.degenerate_abs()
+    np.savez(
+        out / "eph.npz",
+        g_meV=g_meV,
+        abs_g_meV=abs_meV,
+        eigenvalues_eV=couplings.eigenvalues_eV,
+        kpoints_frac=kpoints,
+        modes=modes,
+        frequencies_THz=phonons.frequencies_THz[modes],
+        displacements_A=patterns,
+    )
+    summary = {
+        "phonons": str(args.eph),
+        "modes": modes.tolist(),
+        "frequencies_THz": phonons.frequencies_THz[modes].tolist(),
+        "kpoints_frac": kpoints.tolist(),
+        "max_abs_g_meV": float(abs_meV.max()),
+        "file": str(out / "eph.npz"),
+        "arrays": {
+            "g_meV": "complex (K, M, B, B): g_mn(k, q=0) of mode M, bands m, n; meV",
+            "abs_g_meV": "(K, M, B, B) |g| averaged over degenerate states; meV",
+            "eigenvalues_eV": "(K, B) band energies at k, model energy zero; eV",
+            "kpoints_frac": "(K, 3) fractional k", "modes": "(M,) phonon mode indices",
+            "frequencies_THz": "(M,)", "displacements_A": "(M, N, 3) zero-point u; Å",
+        },
+        "energy_zero_note": "diagonal g_nn include the unknown dμ/du of the model's energy zero",
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    (out / "eph.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def analytic_overlap(
     atoms, basis: BasisSet, edges: np.ndarray, max_orbitals: int = 6000
 ) -> np.ndarray:
@@ -368,6 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=EDGE_CHUNK,
         help="edges per inference chunk: bounds the working memory (default: %(default)s)",
     )
+    p.add_argument(
+        "--eph",
+        default=None,
+        metavar="PHONONS",
+        help="electron–phonon couplings of the Γ optical modes: phonopy params YAML with force "
+        "constants, or a FORCE_CONSTANTS file of this cell; writes eph.npz (g in meV)",
+    )
+    p.add_argument(
+        "--eph-k",
+        type=float,
+        nargs=3,
+        action="append",
+        metavar=("K1", "K2", "K3"),
+        help="fractional electron k-point for --eph (repeat for several; default Γ)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -411,6 +529,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_deeph(record, out / "deeph")
+    eph = write_eph(args, model, atoms, record, out) if args.eph else None
     ham = BlochHamiltonian.from_record(record)
     summary: dict = {
         "structure": str(args.structure),
@@ -472,6 +591,8 @@ def _run(args: argparse.Namespace) -> int:
     except OverlapError as exc:
         raise PredictError(f"{exc} (predicted S; try --overlap analytic)") from None
     timings["physics_s"] = time.perf_counter() - t1
+    if eph is not None:
+        summary["eph"] = eph
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     f = summary["fermi"]
     print(
@@ -485,6 +606,12 @@ def _run(args: argparse.Namespace) -> int:
             f"vs {args.compare}: band MAE {c['all_mae_meV']:.1f} meV (max {c['all_max_meV']:.1f}), "
             f"within ±{c['window_eV']:g} eV of E_F {c.get('window_mae_meV', float('nan')):.1f} meV; "
             f"gap error {summary['compare']['gap_error_meV']:.1f} meV"
+        )
+    if eph is not None:
+        print(
+            f"e-ph: {len(eph['modes'])} Γ modes ({', '.join(f'{f:.2f}' for f in eph['frequencies_THz'])} "
+            f"THz) at {len(eph['kpoints_frac'])} k-point(s); max |g| {eph['max_abs_g_meV']:.1f} meV "
+            f"→ {eph['file']}"
         )
     written = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
     print(f"wrote {out}/: {', '.join(written)}")
