@@ -36,6 +36,7 @@ KEY = "key"  # unique structure id (also the webdataset sample key)
 META = "meta"
 ENERGY_ZERO = "energy_zero_eV"  # μ = ⟨H,S⟩/⟨S,S⟩ subtracted from the stored H (eV)
 ENERGY_ZERO_HSE = "energy_zero_hse_eV"  # the same for the hybrid-functional target h_hse
+ENERGY_ZERO_OF = {H: ENERGY_ZERO, H_HSE: ENERGY_ZERO_HSE}  # Hamiltonian target → its μ key
 N_ELECTRONS = "n_electrons"  # valence electrons (from the pseudopotential)
 FUNCTIONAL = "functional"
 SOURCE = "source"

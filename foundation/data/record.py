@@ -24,6 +24,7 @@ periodic images). ``dh`` is the derivative of the stored target H − μS, μ in
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -231,6 +232,23 @@ class HamiltonianRecord:
         if mu == 0.0:
             return self.h.astype(np.float64)
         return self.h.astype(np.float64) + mu * self._flat(keys.S).astype(np.float64)
+
+    def with_target(self, name: str) -> HamiltonianRecord:
+        """This structure with the Hamiltonian target ``name`` (e.g. the extra ``h_hse``) as
+        its ``h`` and that target's energy zero (``keys.ENERGY_ZERO_OF``); no extras. For
+        band structures of a fine-tuning target with the code that reads ``h``."""
+        if name == keys.H:
+            return self
+        h = self._flat(name)
+        if name not in keys.ENERGY_ZERO_OF or h.shape != self.h.shape:
+            raise RecordError(
+                f"{self.key}: {name!r} is not a Hamiltonian target (those are "
+                f"{', '.join(keys.ENERGY_ZERO_OF)})."
+            )
+        mu = float(self.meta.get(keys.ENERGY_ZERO_OF[name], 0.0))
+        return dataclasses.replace(
+            self, h=h, extras={}, meta=self.meta | {keys.ENERGY_ZERO: mu, "target": name}
+        )
 
     def edge_vectors(self) -> np.ndarray:
         """(E, 3) r_ij = τ_j + R·cell − τ_i in Å."""

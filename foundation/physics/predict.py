@@ -2,6 +2,8 @@
 
     foundation-predict model.pt POSCAR -o out/ [--compare dft_folder/] [--overlap analytic]
     foundation-predict model.pt POSCAR -o out/ --eph phonopy_params.yaml [--eph-k 0 0 0 ...]
+    foundation-predict finetuned.pt POSCAR -o out/ --target hse      # the HSE06 head
+
 
 Steps: read the structure (ASE; a file ASE cannot read stops with the file name, ASE's
 message and a fix) → edges (i, j, R) with `foundation.data.graph.neighbor_edges` at the
@@ -13,6 +15,13 @@ inertia bisection and eigenpairs near it by shift-invert (`foundation.physics.sp
 
 Decisions:
 
+* **Target** (``--target``): which Hamiltonian head gives H — ``h`` (default: the
+  pretraining functional, PBE for the shipped models), ``hse`` (= ``h_hse``, the head
+  ``task=finetune_hybrid`` adds) or any other head name of the checkpoint; the overlap
+  always comes from the ``s`` head (or ``--overlap analytic``). A checkpoint without that
+  head stops with its list of heads and how to make one. ``--compare`` against a saved
+  record that holds the same target as an extra (a ``hse_mini`` record) compares with that
+  target; a DeepH folder is compared as it is (give the folder of the same functional).
 * **Checkpoints**: the exported inference checkpoint (``foundation.inference/1``) or a
   Lightning checkpoint of `foundation-train` (its ``"foundation"`` metadata rebuilds the
   model; ``model.``-prefixed weights); both loaded with ``torch.load(weights_only=True)``.
@@ -57,6 +66,9 @@ import numpy as np
 from foundation import keys
 from foundation.basis import BasisSet, UniversalBasis
 from foundation.data.record import HamiltonianRecord
+
+TARGET_ALIASES = {"hse": keys.H_HSE, "hse06": keys.H_HSE, "pbe": keys.H}
+"""``--target`` spellings → head names (``pbe`` is the pretraining head ``h``)."""
 
 EDGE_CHUNK = 10_000
 """Default edges per inference chunk: the tiny preset holds ~20 kB of intermediates per edge,
@@ -169,6 +181,23 @@ def load_model(path: str | Path):
     return model.eval()
 
 
+def hamiltonian_head(model, target: str) -> str:
+    """The head name of ``--target`` (`TARGET_ALIASES` or a head name); refuses the overlap
+    head and names missing in the model with the heads it has."""
+    head = TARGET_ALIASES.get(target.lower(), target)
+    if head == keys.S or head not in model.heads:
+        hint = (
+            " Fine-tune one with foundation-train task=finetune_hybrid (see README)."
+            if head == keys.H_HSE
+            else ""
+        )
+        raise PredictError(
+            f"--target {target}: the model has no Hamiltonian head {head!r} (heads: "
+            f"{', '.join(model.heads)}; the overlap head 's' is not a target).{hint}"
+        )
+    return head
+
+
 # --------------------------------------------------------------------------- model → blocks
 def padded_to_flat(
     padded: np.ndarray, numbers: np.ndarray, edges: np.ndarray, universal: UniversalBasis
@@ -195,6 +224,7 @@ def predict_record(
     atoms,
     *,
     key: str = "structure",
+    target: str = keys.H,
     overlap: str = "model",
     edge_chunk: int = EDGE_CHUNK,
     pseudo: str = "gth-pbe",
@@ -203,7 +233,8 @@ def predict_record(
 ) -> tuple[HamiltonianRecord, dict]:
     """Predict H(R) (− μS, unknown μ) and S(R) for ``atoms``; returns (record, timings).
 
-    ``edge_chunk``: edges per inference chunk (bounds the working set; see the module notes).
+    ``target``: the Hamiltonian head (or `TARGET_ALIASES` name) whose blocks become the
+    record's ``h``; ``edge_chunk``: edges per inference chunk (bounds the working set; see the module notes).
     """
     from tqdm import tqdm
 
@@ -211,6 +242,7 @@ def predict_record(
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    head = hamiltonian_head(model, target)
     atoms = boxed(atoms, float(model.cutoff_A))
     numbers = atoms.numbers
     unknown = sorted({int(z) for z in numbers} - set(model.basis.atomic_numbers))
@@ -241,7 +273,7 @@ def predict_record(
     ).astype(np.int32)
     batch = collate_graphs([graph])
     timings["graph_s"] = time.perf_counter() - t0
-    names = [keys.H] + ([keys.S] if overlap == "model" else [])
+    names = [head] + ([keys.S] if overlap == "model" else [])
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     model_s = blocks_s = 0.0
     bar = tqdm(total=len(edges), desc="model blocks", unit="edge", disable=not progress)
@@ -273,10 +305,11 @@ def predict_record(
         pbc=atoms.pbc,
         basis=model.basis.subset(sorted(set(int(z) for z in numbers))),
         edges=edges,
-        h=flat[keys.H],
+        h=flat[head],
         s=flat[keys.S],
         meta={
             keys.SOURCE: "foundation-predict",
+            "target": head,
             keys.ENERGY_ZERO: 0.0,
             keys.N_ELECTRONS: n_el,
             "energy_zero_note": "model predicts H − μS; the absolute energy zero is unknown",
@@ -344,7 +377,9 @@ def write_eph(args: argparse.Namespace, model, atoms, record: HamiltonianRecord,
         raise PredictError(str(exc)) from None
     kpoints = np.array(args.eph_k or [[0.0, 0.0, 0.0]], dtype=np.float64)
     t0 = time.perf_counter()
-    couplings, patterns = predict_eph(model, record, phonons, kpoints, overlap=args.overlap)
+    couplings, patterns = predict_eph(
+        model, record, phonons, kpoints, head=record.meta["target"], overlap=args.overlap
+    )
     modes = phonons.optical_modes
     g_meV = 1e3 * couplings.g_eV
     abs_meV = 1e3 * couplings.degenerate_abs()
@@ -360,6 +395,7 @@ def write_eph(args: argparse.Namespace, model, atoms, record: HamiltonianRecord,
     )
     summary = {
         "phonons": str(args.eph),
+        "target": record.meta["target"],
         "modes": modes.tolist(),
         "frequencies_THz": phonons.frequencies_THz[modes].tolist(),
         "kpoints_frac": kpoints.tolist(),
@@ -404,13 +440,15 @@ def analytic_overlap(
 
 
 # --------------------------------------------------------------------------- reference
-def read_reference(path: str | Path) -> HamiltonianRecord:
-    """A DFT reference for --compare: a DeepH folder or a saved record directory."""
+def read_reference(path: str | Path, target: str = keys.H) -> HamiltonianRecord:
+    """A DFT reference for --compare: a DeepH folder or a saved record directory (with
+    ``target`` as its H where the record holds it as an extra, e.g. ``h_hse``)."""
     from foundation.data.formats.deeph import is_deeph_folder, read_deeph
 
     path = Path(path)
     if (path / "structure.json").is_file():
-        return HamiltonianRecord.load(path)
+        record = HamiltonianRecord.load(path)
+        return record.with_target(target) if target in record.extras else record
     if is_deeph_folder(path):
         return read_deeph(path)
     raise PredictError(
@@ -449,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--out", default="predict_out", help="output folder (default: %(default)s)"
     )
     p.add_argument("--format", default=None, help="ASE format name when not guessable")
+    p.add_argument(
+        "--target",
+        default=keys.H,
+        help="Hamiltonian head: h (default, the pretraining functional), hse (= h_hse, "
+        "added by task=finetune_hybrid) or another head name of the checkpoint",
+    )
     p.add_argument("--overlap", choices=["model", "analytic"], default="model")
     p.add_argument("--compare", default=None, help="DFT folder (DeepH or saved record) to compare")
     p.add_argument("--pseudo", default="gth-pbe", help="GTH family for the electron count")
@@ -519,6 +563,7 @@ def _run(args: argparse.Namespace) -> int:
         model,
         atoms,
         key=key,
+        target=args.target,
         overlap=args.overlap,
         edge_chunk=args.edge_chunk,
         pseudo=args.pseudo,
@@ -534,6 +579,7 @@ def _run(args: argparse.Namespace) -> int:
     summary: dict = {
         "structure": str(args.structure),
         "checkpoint": str(args.checkpoint),
+        "target": record.meta["target"],
         "n_atoms": record.n_atoms,
         "n_edges": record.n_edges,
         "n_orbitals": ham.n_orb,
@@ -553,7 +599,7 @@ def _run(args: argparse.Namespace) -> int:
             )
             ref = None
             if args.compare:
-                ref_rec = read_reference(args.compare)
+                ref_rec = read_reference(args.compare, record.meta["target"])
                 _same_structure(record, ref_rec, str(args.compare))
                 ref_ham = BlochHamiltonian.from_record(ref_rec)
                 ref_ham.n_electrons = ref_ham.n_electrons or ham.n_electrons
@@ -596,7 +642,8 @@ def _run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     f = summary["fermi"]
     print(
-        f"{key}: {record.n_atoms} atoms, {record.n_edges} edges, {ham.n_orb} orbitals; "
+        f"{key} ({record.meta['target']}): {record.n_atoms} atoms, {record.n_edges} edges, "
+        f"{ham.n_orb} orbitals; "
         f"E_F = {f['fermi_level_eV']:.4f} eV, gap = {f.get('gap_eV', 0.0):.4f} eV "
         f"({f.get('convention', '')}); energies relative to the model's energy zero"
     )
