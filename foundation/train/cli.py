@@ -189,7 +189,10 @@ def summary(
                 if f"{split}/mae_{target}_{part}_{label}" in metrics
             )
             name = "H" if target == "h" else "S" if target == "s" else target
-            parts.append(f"{split} {name} MAE {metrics[key]:.2f} {label} ({detail})")
+            detail = f" ({detail})" if detail else ""
+            parts.append(
+                f"{split} {name} MAE {metrics[key]:.2f} {label.replace('_per_A', '/Å')}{detail}"
+            )
     return f"Finished: {'; '.join(parts)}. Run directory: {out}"
 
 

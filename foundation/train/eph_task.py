@@ -272,9 +272,8 @@ class EphFinetuneModule(HamiltonianModule):
         errors = self._reduce_sum(self._derivative_errors[stage].to(self.device)).cpu()
         for t, name in enumerate(self.derivative_targets):
             if errors[t, 1] > 0:
-                label, factor = unit(DERIVATIVE_OF[name])
-                value = factor * float(errors[t, 0] / errors[t, 1])
-                self.log(f"{stage}/mae_{name}_{label}_per_A", value)
+                label, factor = unit(name)
+                self.log(f"{stage}/mae_{name}_{label}", factor * float(errors[t, 0] / errors[t, 1]))
 
 
 __all__ = [

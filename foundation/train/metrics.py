@@ -15,8 +15,13 @@ from ase.data import chemical_symbols
 from foundation import keys
 from foundation.train.losses import target_mask
 
-# (unit label, factor from stored units); S is dimensionless, everything else eV-based.
-UNITS: dict[str, tuple[str, float]] = {keys.S: ("e-3", 1e3)}
+# (unit label, factor from stored units); S is dimensionless, everything else eV-based;
+# the e-ph derivatives dh (eV/Å) and ds (1/Å) are per Å.
+UNITS: dict[str, tuple[str, float]] = {
+    keys.S: ("e-3", 1e3),
+    keys.DH: ("meV_per_A", 1e3),
+    keys.DS: ("e-3_per_A", 1e3),
+}
 DEFAULT_UNIT = ("meV", 1e3)
 
 
