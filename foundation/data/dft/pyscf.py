@@ -786,10 +786,12 @@ keyword arguments for that structure (e.g. ``{"smearing_eV": 0.1}`` for a metal)
 
 
 def _generate_one(
-    key: str, atoms: ase.Atoms, out: Path, kwargs: dict, compute: Callable = compute_record
+    key: str, atoms: ase.Atoms, out: Path, kwargs: dict, compute: Callable | None = None
 ) -> tuple[str, str | None, float]:
-    """Compute and save one record; returns (key, error message or None, seconds)."""
+    """Compute and save one record; returns (key, error message or None, seconds).
+    ``compute`` None: this module's `compute_record`, looked up at call time."""
     t0 = time.perf_counter()
+    compute = compute_record if compute is None else compute
     try:
         kw = kwargs | dict(atoms.info.get(PER_STRUCTURE_KWARGS, {}))
         compute(atoms, key=key, **kw).save(out / key)
@@ -805,7 +807,7 @@ def generate_dataset(
     *,
     workers: int = 1,
     resume: bool = True,
-    compute: Callable[..., HamiltonianRecord] = compute_record,
+    compute: Callable[..., HamiltonianRecord] | None = None,
     **compute_kwargs,
 ) -> list[Path]:
     """Compute a record per (key, atoms) into ``records_dir/<key>/`` (atomic saves).
@@ -813,7 +815,7 @@ def generate_dataset(
     Resumable: with ``resume`` a key whose record directory is complete is skipped, so an
     interrupted run continues where it stopped. ``workers`` > 1 uses a process pool. A
     structure that fails is reported by key (log, progress bar and ``failures.json`` in
-    ``records_dir``) and the others go on. ``compute`` makes one record (default
+    ``records_dir``) and the others go on. ``compute`` makes one record (default None:
     `compute_record`; `compute_hybrid_record` for paired PBE/HSE06 targets; a module-level
     function, so worker processes can import it); ``compute_kwargs`` go to it;
     ``atoms.info["pyscf"]`` overrides them per structure. Returns the record directories
