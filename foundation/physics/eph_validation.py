@@ -4,7 +4,7 @@ A *case* is one cell of an e-ph dataset (``data_shards/eph_mini``): its record (
 ``s`` and the finite-difference derivatives ``dh``, ``ds``), its Γ phonons (the phonopy file
 the manifest names) and the electron k-points Γ plus the record's three generic band
 k-points. For the optical Γ modes, g_mn(k, q = 0) from DFT (`eph.record_couplings`) is the
-reference, and two model quantities are compared with it as the relative Frobenius error of
+reference, and three model quantities are compared with it as the relative Frobenius error of
 the gauge-invariant |g| (degenerate states averaged, `eph.Couplings.degenerate_abs`) over
 all bands:
 
