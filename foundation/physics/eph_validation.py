@@ -26,6 +26,7 @@ benchmark report the same numbers. Units: Å, eV (g), THz (phonons).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def coupling_errors(model, case: EphCase, head: str = keys.H) -> dict[str, float
         record_couplings,
     )
     from foundation.physics.kspace import BlochHamiltonian
-    from foundation.physics.predict import predict_eph, predict_record
+    from foundation.physics.predict import analytic_overlap, predict_eph, predict_record
 
     record = case.record
     u = case.phonons.zero_point_patterns()
@@ -100,12 +101,14 @@ def coupling_errors(model, case: EphCase, head: str = keys.H) -> dict[str, float
     bloch = BlochHamiltonian(record.numbers, record.basis, record.edges, record.h, record.s)
     vertex = mode_couplings(bloch, dh, ds, case.kpoints_frac).degenerate_abs()
     errors = {"vertex": _relative(vertex, dft)}
-    for name, overlap in (("model", "model"), ("model_exact_s", "analytic")):
-        predicted, _ = predict_record(
-            model, case.atoms, key=record.key, target=head, overlap=overlap, progress=False
-        )
+    predicted, _ = predict_record(model, case.atoms, key=record.key, target=head, progress=False)
+    exact_s = analytic_overlap(case.atoms, model.basis, predicted.edges)  # same H, exact S
+    for name, overlap, rec in (
+        ("model", "model", predicted),
+        ("model_exact_s", "analytic", dataclasses.replace(predicted, s=exact_s)),
+    ):
         full, _ = predict_eph(
-            model, predicted, case.phonons, case.kpoints_frac, head=head, overlap=overlap
+            model, rec, case.phonons, case.kpoints_frac, head=head, overlap=overlap
         )
         errors[name] = _relative(full.degenerate_abs(), dft)
     return errors
