@@ -163,7 +163,9 @@ def record_to_graph(
     Holds NUMBERS (N,) long, POSITIONS (N, 3), CELL (1, 3, 3), EDGE_INDEX (2, E) long,
     EDGE_SHIFT (E, 3) long, EDGE_REVERSE (E,) long, ONSITE (E,) bool, BLOCK_MASK
     (E, n_uni, n_uni) bool, each target (E, n_uni, n_uni) zero-padded, N_ATOMS and N_EDGES
-    (1,) long. Floating tensors have ``dtype``. Edges are the record's, in its order.
+    (1,) long, N_ELECTRONS (1,) float64 (``meta["n_electrons"]``, NaN when the record has
+    none; the band-space loss needs it). Other floating tensors have ``dtype``. Edges are the
+    record's, in its order.
     A `DISPLACEMENT_TARGETS` target is (3N·E, n_uni, n_uni): row p·E + e holds d/du_p (p =
     3κ + α) of edge e's block (zero rows when an optional one is absent).
 
@@ -174,6 +176,10 @@ def record_to_graph(
     """
     graph = _structure_graph(
         record.key, record.numbers, record.positions, record.cell, record.edges, universal, dtype
+    )
+    n_electrons = record.meta.get(keys.N_ELECTRONS)
+    graph[keys.N_ELECTRONS] = torch.tensor(
+        [float("nan") if n_electrons is None else float(n_electrons)], dtype=torch.float64
     )
     numbers, src, dst = record.numbers, record.edges[:, 0], record.edges[:, 1]
     index = {int(z): universal.orbital_index(int(z)) for z in np.unique(numbers)}

@@ -14,6 +14,10 @@ The flat block layout of records (blocks concatenated in edge order, each row-ma
 mapped once onto (row, column) orbital indices (`BlockLayout`); every H(k) is then one
 vectorised scatter (`numpy.bincount`) with no Python loop over edges, and the same layout
 feeds the sparse assembly in `foundation.physics.sparse`.
+
+`bloch_matrices` and `generalized_eigvalsh` are the batched, differentiable torch version of
+the same conventions on collated graph batches (padded universal blocks), for band-space
+losses (`foundation.train.band_loss`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from functools import cached_property
 
 import numpy as np
 import scipy.linalg
+import torch
 
 from foundation import keys
 from foundation.basis import BasisSet
@@ -322,3 +327,101 @@ class BlochHamiltonian:
         for n in it:
             out[n] = self.eigh(kpts[n])
         return out
+
+
+# --------------------------------------------------------------------------- batched torch path
+def bloch_matrices(
+    blocks: torch.Tensor,
+    edge_index: torch.Tensor,
+    edge_shift: torch.Tensor,
+    atom_orbitals: torch.Tensor,
+    atom_structure: torch.Tensor,
+    kpts: torch.Tensor,
+    pad_diagonal: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense X(k) = Σ_R e^{2πi k·R} X(R) of every structure of a collated batch (torch,
+    differentiable w.r.t. ``blocks``), in complex128.
+
+    Args:
+        blocks: (E, n_uni, n_uni) padded blocks in the universal basis (any float dtype;
+            entries outside the atoms' orbital masks are ignored).
+        edge_index: (2, E) batch-global atom indices (i, j); edge_shift: (E, 3) integer R.
+        atom_orbitals: (N, n_uni) bool, the real orbitals of each atom (element mask).
+        atom_structure: (N,) structure index of each atom (``keys.BATCH``), sorted.
+        kpts: (B, nk, 3) fractional k-points per structure (same convention as
+            `BlockLayout.dense`: the phase carries R only).
+        pad_diagonal: value on the diagonal of the padding rows/columns of structures with
+            fewer orbitals than the largest (e.g. 1 for S; a large energy for H so that the
+            padding eigenvalues sort above every real one).
+
+    Returns:
+        (X, n_orb): X (B, nk, n_max, n_max) complex128 hermitian part ½(X + X†) (like
+        `BlockLayout.dense`), a structure's orbitals in atom order, each atom's real orbitals
+        in universal-slot order; n_orb (B,) long, the real orbital count of each structure.
+    """
+    device = blocks.device
+    n_struct, nk = kpts.shape[0], kpts.shape[1]
+    atom_orbitals = atom_orbitals.to(device=device, dtype=torch.bool)
+    counts = atom_orbitals.sum(1)  # (N,)
+    n_orb = torch.zeros(n_struct, dtype=torch.long, device=device).index_add_(
+        0, atom_structure, counts
+    )
+    first_orbital = torch.cumsum(counts, 0) - counts  # batch-global offset of each atom
+    structure_start = torch.cumsum(n_orb, 0) - n_orb
+    local = first_orbital - structure_start[atom_structure]  # offset inside its structure
+    position = local[:, None] + torch.cumsum(atom_orbitals.long(), 1) - 1  # (N, n_uni)
+    n_max = int(n_orb.max()) if n_struct else 0
+
+    src, dst = edge_index[0], edge_index[1]
+    edge, p, q = torch.nonzero(
+        atom_orbitals[src][:, :, None] & atom_orbitals[dst][:, None, :], as_tuple=True
+    )
+    values = blocks[edge, p, q].to(torch.float64)  # (M,)
+    structure = atom_structure[src[edge]]  # (M,)
+    k_of_entry = kpts.to(torch.float64)[structure]  # (M, nk, 3)
+    shift = edge_shift[edge].to(torch.float64)  # (M, 3)
+    phase = 2.0 * torch.pi * torch.einsum("mkx,mx->mk", k_of_entry, shift)  # (M, nk)
+    row, col = position[src[edge], p], position[dst[edge], q]
+    k_index = torch.arange(nk, device=device)
+    flat = ((structure[:, None] * nk + k_index) * n_max + row[:, None]) * n_max + col[:, None]
+    size = n_struct * nk * n_max * n_max
+    zeros = torch.zeros(size, dtype=torch.float64, device=device)
+    real = zeros.index_add(0, flat.reshape(-1), (values[:, None] * torch.cos(phase)).reshape(-1))
+    imag = zeros.index_add(0, flat.reshape(-1), (values[:, None] * torch.sin(phase)).reshape(-1))
+    x = torch.complex(real, imag).reshape(n_struct, nk, n_max, n_max)
+    x = 0.5 * (x + x.transpose(-1, -2).conj())
+    padding = torch.arange(n_max, device=device)[None, :] >= n_orb[:, None]  # (B, n_max)
+    if pad_diagonal != 0.0 and bool(padding.any()):
+        diagonal = padding.to(torch.float64) * pad_diagonal
+        x = x + torch.diag_embed(diagonal.to(x.dtype))[:, None]
+    return x, n_orb
+
+
+def generalized_eigvalsh(
+    h: torch.Tensor, s: torch.Tensor, kpts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Ascending eigenvalues of H c = ε S c for batches of hermitian matrices (torch).
+
+    Reduced to a standard problem through the Cholesky factor S = L L†: ε = eigvalsh(L⁻¹ H
+    L⁻†). Differentiable w.r.t. ``h`` (and ``s``); the gradient of eigenvalues alone is
+    V diag(∂ε) V†, finite at degenerate eigenvalues (no 1/(ε_m − ε_n) terms).
+
+    Args:
+        h: (..., n, n) hermitian; its batch shape may have extra leading axes over that of
+            ``s`` (e.g. predicted and reference H stacked against one S: one Cholesky).
+        s: (..., n, n) hermitian positive definite.
+        kpts: (..., 3) fractional k of each matrix of ``s``, only for the error message.
+
+    Raises:
+        OverlapError: S is not positive definite (names the first failing matrix, its k and
+            the smallest eigenvalue of that S).
+    """
+    chol, info = torch.linalg.cholesky_ex(s)
+    if bool((info != 0).any()):
+        bad = tuple(int(i) for i in torch.nonzero(info)[0])
+        s_min = float(torch.linalg.eigvalsh(s[bad])[0])
+        k = np.zeros(3) if kpts is None else kpts[bad].detach().cpu().double().numpy()
+        raise overlap_error("torch Cholesky", k, s_min, f"batch matrix {list(bad)}")
+    half = torch.linalg.solve_triangular(chol, h, upper=False)  # L⁻¹ H
+    a = torch.linalg.solve_triangular(chol, half.transpose(-1, -2).conj(), upper=False)
+    return torch.linalg.eigvalsh(0.5 * (a + a.transpose(-1, -2).conj()))

@@ -3,7 +3,8 @@
 * **Loss**: per target Σ loss over masked entries / global entry count (all ranks), weighted
   per target; only ``keys.BLOCK_MASK`` entries count. The normalisation uses the global
   count, so a data-parallel step has exactly the loss and gradient of one process holding
-  the whole global batch.
+  the whole global batch. Optional band-space term (``band_loss``, `train.band_loss`):
+  squared eigenvalue errors of H(k) near E_F at random k-points, normalised the same way.
 * **Optimisation** (manual, so a bad step can be skipped on every strategy): AdamW, linear
   warmup + cosine decay, gradient clipping by norm (DeepSpeed: its own clipping, same
   value), EMA weights used for validation, test and export.
@@ -30,6 +31,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from foundation import keys
 from foundation.data.datamodule import EVAL_WEIGHT
+from foundation.train.band_loss import BANDS, BandLossConfig, band_term, sample_kpoints
 from foundation.train.checkpoint import checkpoint_metadata
 from foundation.train.ema import EMA
 from foundation.train.losses import LOSSES, loss_sum, target_mask
@@ -68,6 +70,8 @@ class HamiltonianModule(pl.LightningModule):
         ema_decay: EMA of the weights for evaluation/export (None: off).
         max_bad_steps: non-finite steps tolerated before the run stops.
         log_pairs: log per-element-pair MAE at the end of each validation epoch.
+        band_loss: the band-space term (`band_loss.BandLossConfig`: weight, kpoints,
+            window_eV, target, seed); None or weight 0: off (costs nothing).
         run_config: the resolved run config, stored in checkpoints (not used otherwise).
     """
 
@@ -88,6 +92,7 @@ class HamiltonianModule(pl.LightningModule):
         ema_decay: float | None = 0.99,
         max_bad_steps: int = 20,
         log_pairs: bool = True,
+        band_loss: Mapping[str, Any] | None = None,
         run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
@@ -109,6 +114,15 @@ class HamiltonianModule(pl.LightningModule):
             )
         if loss not in LOSSES:
             raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
+        self.band_loss = BandLossConfig.from_config(band_loss)
+        if self.band_loss.enabled:
+            need = [t for t in (self.band_loss.target, keys.S) if t not in self.targets]
+            if need:
+                raise ValueError(
+                    f"task.band_loss needs {need} in task.targets (weight 0 is enough: the batch "
+                    "must carry the DFT blocks); add them or set task.band_loss.weight=0."
+                )
+        self._orbital_table = torch.as_tensor(self.model.universal.mask_table())
         self.ema: EMA | None = None
         self._pending_ema: dict | None = None  # EMA state from a checkpoint, until fit start
         self.bad_steps = 0
@@ -145,12 +159,27 @@ class HamiltonianModule(pl.LightningModule):
         that still depends on the head's output, so the head is in every step's graph.
         Subclasses with other kinds of targets extend the dict (one entry per target)."""
         hp = self.hparams
-        return {
+        terms = {
             name: loss_sum(
                 pred[name], batch[name], target_mask(batch, name), hp.loss, hp.huber_delta
             )
             for name in self.targets
         }
+        if self.band_loss.enabled:
+            cfg = self.band_loss
+            kpts = sample_kpoints(batch, cfg.kpoints, cfg.seed, self.global_step)
+            term = band_term(
+                pred[cfg.target], batch, self._orbital_table, kpts, cfg.window_eV, cfg.target
+            )
+            dtype = next(iter(terms.values()))[0].dtype  # float64 inside, the block sums' dtype out
+            terms[BANDS] = (term.loss_sum.to(dtype), term.count)
+        return terms
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Loss term → weight: ``self.targets`` plus the band term when it is on."""
+        extra = {BANDS: self.band_loss.weight} if self.band_loss.enabled else {}
+        return dict(self.targets) | extra
 
     def step_losses(
         self, batch: dict[str, torch.Tensor]
@@ -158,8 +187,15 @@ class HamiltonianModule(pl.LightningModule):
         """Forward + loss. Returns (loss to backpropagate, global per-target losses, global
         [n_structures, n_edges, non-finite flag]). Loss values are those of the global batch."""
         terms = self.loss_terms(self(batch), batch)
-        local_sums = torch.stack([terms[name][0] for name in self.targets])
-        counts = torch.stack([terms[name][1] for name in self.targets])
+        weight_of = self.loss_weights
+        missing = [name for name in weight_of if name not in terms]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.loss_terms returned no {missing} term(s); this task does "
+                "not support them (e.g. task.band_loss: set its weight to 0)."
+            )
+        local_sums = torch.stack([terms[name][0] for name in weight_of])
+        counts = torch.stack([terms[name][1] for name in weight_of])
         finite = torch.isfinite(local_sums).all()
         device = local_sums.device
         n_edges = batch[keys.EDGE_INDEX].shape[1]
@@ -172,18 +208,16 @@ class HamiltonianModule(pl.LightningModule):
             ]
         )
         stats = self._reduce_sum(stats)
-        n = len(self.targets)
+        n = len(weight_of)
         global_sums, global_counts = stats[:n], stats[n : 2 * n].clamp_min(1.0)
         world = self._trainer.world_size if self._trainer is not None else 1
         weights = torch.tensor(
-            list(self.targets.values()), dtype=local_sums.dtype, device=local_sums.device
+            list(weight_of.values()), dtype=local_sums.dtype, device=local_sums.device
         )
         # DDP and DeepSpeed average gradients over ranks, hence the factor world.
         loss = (weights * local_sums / global_counts.to(local_sums.dtype)).sum() * world
-        per_target = {
-            name: global_sums[i] / global_counts[i] for i, name in enumerate(self.targets)
-        }
-        per_target["total"] = sum(float(w) * per_target[t] for t, w in self.targets.items())
+        per_target = {name: global_sums[i] / global_counts[i] for i, name in enumerate(weight_of)}
+        per_target["total"] = sum(float(w) * per_target[t] for t, w in weight_of.items())
         return loss, per_target, stats[2 * n :]
 
     # ------------------------------------------------------------------ training
