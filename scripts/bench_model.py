@@ -1,6 +1,7 @@
 """Benchmark the model presets: parameters, forward and forward+backward time, peak memory.
 
     python scripts/bench_model.py                       # tiny and base on CPU, built-in crystals
+    python scripts/bench_model.py --convs so2 tensor_product   # both convolutions, same irreps
     python scripts/bench_model.py --device cuda --presets tiny base large
     python scripts/bench_model.py --dataset data_shards/pbe_mini --n-structures 8
 
@@ -89,14 +90,20 @@ def _timed(fn, device: torch.device, repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure(preset: str, args) -> dict:
-    """Measure one preset in this process."""
+def measure(job: str, args) -> dict:
+    """Measure one ``preset`` or ``preset:conv`` (the preset with another convolution, same
+    irreps and everything else) in this process."""
     from foundation.model import build_model, count_parameters
 
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    preset, _, conv = job.partition(":")
     cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())
+    if conv:
+        cfg["conv"] = conv
+        if conv != "so2":
+            cfg["mmax"] = None
     basis, graphs = _graphs(args, float(cfg["cutoff_A"]))
     start = time.perf_counter()
     model = build_model(cfg, basis=basis).to(device)
@@ -133,6 +140,7 @@ def measure(preset: str, args) -> dict:
     edges = sum(r["edges"] for r in rows)
     return {
         "preset": preset,
+        "conv": cfg["conv"],
         "parameters": count_parameters(model),
         "n_uni": basis.universal.n_orb,
         "build_s": build_s,
@@ -149,9 +157,37 @@ def measure(preset: str, args) -> dict:
     }
 
 
+def _speedups(results: list[dict], reference: str = "tensor_product") -> list[dict]:
+    """Per preset, every other convolution against ``reference`` (time and memory ratios)."""
+    ref = {r["preset"]: r for r in results if r["conv"] == reference}
+    rows = []
+    for r in results:
+        base = ref.get(r["preset"])
+        if base is None or r is base:
+            continue
+        rows.append(
+            {
+                "preset": r["preset"],
+                "conv": r["conv"],
+                "reference": reference,
+                "forward_speedup": base["forward_us_per_edge"] / r["forward_us_per_edge"],
+                "forward_backward_speedup": base["forward_backward_us_per_edge"]
+                / r["forward_backward_us_per_edge"],
+                "memory_ratio": r["peak_memory_MB"] / max(base["peak_memory_MB"], 1e-9),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "base"])
+    p.add_argument(
+        "--convs",
+        nargs="+",
+        default=[],
+        help="convolutions to compare (default: each preset's own)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     p.add_argument("--dataset", help="shard dataset directory (default: built-in crystals)")
     p.add_argument("--split", default="train")
@@ -168,17 +204,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(args.worker, args)))
         return
     results = []
-    for preset in args.presets:
-        cmd = [sys.executable, __file__, "--worker", preset] + [
+    jobs = [f"{p}:{c}" if c else p for p in args.presets for c in (args.convs or [""])]
+    for job in jobs:
+        cmd = [sys.executable, __file__, "--worker", job] + [
             a for a in (argv if argv is not None else sys.argv[1:])
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"measured {preset}: {r['parameters']:,} parameters", file=sys.stderr)
+        print(f"measured {job}: {r['parameters']:,} parameters", file=sys.stderr)
 
     header = (
-        f"{'preset':<7} {'params':>11} {'struct':>7} {'atoms':>5} {'edges':>6} "
+        f"{'preset':<15} {'params':>11} {'struct':>7} {'atoms':>5} {'edges':>6} "
         f"{'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd µs/edge':>12} {'f+b µs/edge':>12}"
     )
     print(
@@ -187,21 +224,30 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for r in results:
+        name = f"{r['preset']}:{r['conv']}"
         for s in r["structures"]:
             print(
-                f"{r['preset']:<7} {r['parameters']:>11,} {s['structure']:>7} {s['atoms']:>5} "
+                f"{name:<15} {r['parameters']:>11,} {s['structure']:>7} {s['atoms']:>5} "
                 f"{s['edges']:>6} {1e3 * s['forward_s']:>9.1f} {1e3 * s['forward_backward_s']:>11.1f} "
                 f"{1e6 * s['forward_s'] / s['edges']:>12.1f} "
                 f"{1e6 * s['forward_backward_s'] / s['edges']:>12.1f}"
             )
         print(
-            f"{r['preset']:<7} mean per structure: forward {r['forward_ms_per_structure']:.1f} ms, "
+            f"{name:<15} mean per structure: forward {r['forward_ms_per_structure']:.1f} ms, "
             f"forward+backward {r['forward_backward_ms_per_structure']:.1f} ms; per edge "
             f"{r['forward_us_per_edge']:.1f} / {r['forward_backward_us_per_edge']:.1f} µs; peak "
             f"memory {r['peak_memory_MB']:.0f} MB ({r['memory_measure']}); build {r['build_s']:.1f} s"
         )
+    speedups = _speedups(results)
+    for row in speedups:
+        print(
+            f"{row['preset']}: {row['conv']} vs {row['reference']}: forward "
+            f"{row['forward_speedup']:.2f}×, forward+backward {row['forward_backward_speedup']:.2f}× "
+            f"faster, peak memory {row['memory_ratio']:.2f}× of the reference"
+        )
     payload = {
         "device": args.device,
+        "speedups": speedups,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "machine": platform.machine(),

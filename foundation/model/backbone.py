@@ -11,8 +11,9 @@ and messages to nodes likewise; so features, predicted blocks and their derivati
 continuous when atoms cross the cutoff.
 
 The convolution is pluggable (`CONVOLUTIONS`): ``"tensor_product"`` is the reference e3nn
-tensor product with radial-MLP weights; a faster SO(2)/eSCN convolution can be registered
-under another name and checked against it with `foundation.testing`.
+tensor product with radial-MLP weights; ``"so2"`` (`foundation.model.so2`) is the fast
+eSCN-style path (per-edge rotation to the polar axis, per-|m| linear maps), whose per-edge
+Wigner-D matrices the backbone computes once per forward pass and shares between layers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from e3nn import o3
 from torch import nn
 
 from foundation import keys
+from foundation.model import so2
 from foundation.rotations import to_e3nn_frame
 
 
@@ -75,17 +77,17 @@ class EdgeGeometry:
     src: torch.Tensor  # (E',) i (centre atom; messages are aggregated here)
     dst: torch.Tensor  # (E',) j (neighbour)
     vectors: torch.Tensor  # (E', 3) r_ij in Å, e3nn frame (y, z, x)
-    sh: torch.Tensor  # (E', irreps_sh.dim) spherical harmonics of r_ij ('component' norm)
+    sh: torch.Tensor | None  # (E', irreps_sh.dim) harmonics of r_ij ('component' norm)
     radial: torch.Tensor  # (E', num_basis) Bessel × envelope
+    wigner: torch.Tensor | None = None  # (E', Σ(2l+1)²) packed D_l(R_e) (`so2.EdgeFrames`)
 
     def __len__(self) -> int:
         return self.src.shape[0]
 
     def __getitem__(self, edges: slice) -> EdgeGeometry:
         """The geometry of a contiguous run of these edges (views, no copies)."""
-        return EdgeGeometry(
-            **{f.name: getattr(self, f.name)[edges] for f in dataclasses.fields(self)}
-        )
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return EdgeGeometry(**{k: None if v is None else v[edges] for k, v in fields.items()})
 
 
 def edge_slices(n_edges: int, edge_chunk: int | None) -> list[slice]:
@@ -156,10 +158,14 @@ class Convolution(nn.Module):
 
     Implementations must be equivariant and proportional to the radial features (zero radial
     features ⇒ zero output), so that edge contributions vanish smoothly at the cutoff.
+    ``needs_sh`` / ``needs_wigner``: which per-edge geometry the backbone must compute
+    (spherical harmonics ``geometry.sh``, Wigner-D matrices ``geometry.wigner``).
     """
 
     irreps_in: o3.Irreps
     irreps_out: o3.Irreps
+    needs_sh = True
+    needs_wigner = False
 
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
         raise NotImplementedError
@@ -224,8 +230,20 @@ class TensorProductConvolution(Convolution):
         return self.linear(self.tp(x, geometry.sh) * weights)
 
 
-CONVOLUTIONS: dict[str, type[Convolution]] = {"tensor_product": TensorProductConvolution}
+class SO2Convolution(so2.SO2Convolution, Convolution):
+    """The SO(2) convolution of `foundation.model.so2` under the `Convolution` interface."""
+
+    needs_sh = False
+
+
+CONVOLUTIONS: dict[str, type[Convolution]] = {
+    "tensor_product": TensorProductConvolution,
+    "so2": SO2Convolution,
+}
 """Registry of convolutions by config name (`conv:` in conf/model/*.yaml)."""
+
+CONV_OPTIONS: dict[str, tuple[str, ...]] = {"tensor_product": (), "so2": ("mmax",)}
+"""Model-config keys that only some convolutions take (None in the config: not passed)."""
 
 
 def make_convolution(name: str, **kwargs) -> Convolution:
@@ -286,6 +304,7 @@ class InteractionLayer(nn.Module):
         radial_layers: int = 2,
         avg_num_neighbors: float = 20.0,
         optimize_einsums: bool = True,
+        conv_options: dict | None = None,
     ):
         super().__init__()
         self.irreps_node = o3.Irreps(irreps_node)
@@ -297,6 +316,7 @@ class InteractionLayer(nn.Module):
             radial_hidden=radial_hidden,
             radial_layers=radial_layers,
             optimize_einsums=optimize_einsums,
+            **(conv_options or {}),
         )
         node, edge = self.irreps_node, self.irreps_edge
         # node update
@@ -374,6 +394,7 @@ class Backbone(nn.Module):
         avg_num_neighbors: float = 20.0,
         conv: str = "tensor_product",
         optimize_einsums: bool = True,
+        conv_options: dict | None = None,
     ):
         super().__init__()
         self.elements = [int(z) for z in elements]
@@ -397,6 +418,14 @@ class Backbone(nn.Module):
             radial_hidden=radial_hidden,
             radial_layers=radial_layers,
             optimize_einsums=optimize_einsums,
+            **(conv_options or {}),
+        )
+        conv_class = CONVOLUTIONS.get(conv, Convolution)
+        self.needs_sh = conv_class.needs_sh
+        self.frames = (
+            so2.EdgeFrames(max(ir.l for _, ir in self.irreps_node + self.irreps_edge))
+            if conv_class.needs_wigner
+            else None
         )
         self.edge_embedding_src = linear(self.irreps_node, self.irreps_node)
         self.edge_embedding_dst = linear(self.irreps_node, self.irreps_node)
@@ -414,6 +443,7 @@ class Backbone(nn.Module):
                 radial_layers=radial_layers,
                 avg_num_neighbors=avg_num_neighbors,
                 optimize_einsums=optimize_einsums,
+                conv_options=conv_options,
             )
             for _ in range(num_layers)
         )
@@ -429,8 +459,9 @@ class Backbone(nn.Module):
             src=src,
             dst=dst,
             vectors=vectors,
-            sh=self.spherical_harmonics(vectors),
+            sh=self.spherical_harmonics(vectors) if self.needs_sh else None,
             radial=self.radial_basis(lengths),
+            wigner=None if self.frames is None else self.frames(vectors),
         )
         return onsite, geometry
 
@@ -441,7 +472,7 @@ class Backbone(nn.Module):
         at once (large cells at inference; None = all edges in one go)."""
         onsite, geometry = self.geometry(batch)
         species = self.species_index[batch[keys.NUMBERS]]
-        x = self.embedding(nn.functional.one_hot(species, len(self.elements)).to(geometry.sh))
+        x = self.embedding(nn.functional.one_hot(species, len(self.elements)).to(geometry.radial))
         x_src, x_dst = self.edge_embedding_src(x), self.edge_embedding_dst(x)
         e = map_edge_chunks(
             lambda _, g: self.edge_embedding(x_src[g.src] + x_dst[g.dst], g), geometry, edge_chunk
@@ -456,11 +487,13 @@ __all__ = [
     "Backbone",
     "BackboneOutput",
     "CONVOLUTIONS",
+    "CONV_OPTIONS",
     "Convolution",
     "EdgeGeometry",
     "GatedLinear",
     "InteractionLayer",
     "RadialBasis",
+    "SO2Convolution",
     "TensorProductConvolution",
     "edge_slices",
     "edge_vectors",

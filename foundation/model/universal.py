@@ -26,7 +26,13 @@ from torch import nn
 
 from foundation import keys
 from foundation.basis import BasisSet
-from foundation.model.backbone import CONVOLUTIONS, Backbone, BackboneOutput, edge_slices
+from foundation.model.backbone import (
+    CONV_OPTIONS,
+    CONVOLUTIONS,
+    Backbone,
+    BackboneOutput,
+    edge_slices,
+)
 from foundation.model.heads import HEADS
 from foundation.model.lora import LORA_KEYS, add_lora
 
@@ -173,6 +179,7 @@ DEFAULTS: dict[str, Any] = {
     "envelope_p": 6,
     "avg_num_neighbors": 20.0,
     "conv": "tensor_product",
+    "mmax": None,
     "optimize_einsums": True,
     "heads": {keys.H: {"type": "block", "scale": 1.0}, keys.S: {"type": "block", "scale": 1.0}},
     "lora": None,
@@ -216,6 +223,12 @@ def resolve_config(cfg: Mapping[str, Any] | None = None, **overrides: Any) -> di
         raise ValueError(
             f"Unknown convolution {resolved['conv']!r}; known: {', '.join(CONVOLUTIONS)}."
         )
+    for option, takers in _conv_option_takers().items():
+        if resolved[option] is not None and resolved["conv"] not in takers:
+            raise ValueError(
+                f"Model config key {option!r} applies to conv {' / '.join(takers)} only, but "
+                f"conv is {resolved['conv']!r}; set {option}: null or change conv."
+            )
     names = list(resolved["heads"])
     for k, (name, spec) in enumerate(resolved["heads"].items()):
         check_head_spec(name, spec, names[: k + 1])
@@ -224,6 +237,15 @@ def resolve_config(cfg: Mapping[str, Any] | None = None, **overrides: Any) -> di
         if not isinstance(lora, Mapping) or set(lora) - set(LORA_KEYS) or "rank" not in lora:
             raise ValueError(f"lora must be null or {{rank: r}}, got {lora!r}.")
     return resolved
+
+
+def _conv_option_takers() -> dict[str, list[str]]:
+    """Convolution-specific config key → the convolutions that take it."""
+    takers: dict[str, list[str]] = {}
+    for name, options in CONV_OPTIONS.items():
+        for option in options:
+            takers.setdefault(option, []).append(name)
+    return takers
 
 
 def head_keys(head_type: str) -> list[str]:
@@ -309,6 +331,7 @@ def build_model(
         avg_num_neighbors=config["avg_num_neighbors"],
         conv=config["conv"],
         optimize_einsums=config["optimize_einsums"],
+        conv_options={k: config[k] for k in CONV_OPTIONS[config["conv"]] if config[k] is not None},
     )
     model = UniversalHamiltonianModel(
         basis, backbone, heads, config=config | {"basis": basis.to_dict()}, bases=bases
