@@ -33,6 +33,12 @@ ONSITE = "onsite"  # (E,) bool: i == j and R == 0
 
 # --- metadata -------------------------------------------------------------------------
 KEY = "key"  # unique structure id (also the webdataset sample key)
+SPLIT_GROUP = "split_group"  # (B,) long: index into SPLIT_GROUPS of each evaluated structure
+SPLIT_GROUPS = ("seen", "unseen_composition", "unseen_element")
+"""What an evaluated structure measures (manifest ``split_policy``, `data.shards.split_group`):
+``seen`` — its composition also occurs in training; ``unseen_composition`` — a held-out
+composition whose elements all train; ``unseen_element`` — it contains an element held out of
+training on purpose (zero-shot element transfer)."""
 META = "meta"
 ENERGY_ZERO = "energy_zero_eV"  # μ = ⟨H,S⟩/⟨S,S⟩ subtracted from the stored H (eV)
 ENERGY_ZERO_HSE = "energy_zero_hse_eV"  # the same for the hybrid-functional target h_hse

@@ -9,7 +9,7 @@ from foundation.data.cli import main
 from foundation.data.formats import read_deeph, write_deeph, write_deeptb
 from foundation.data.record import HamiltonianRecord
 from foundation.data.shards import load_records, read_manifest, shard_paths
-from foundation.data.synthetic import random_dataset
+from foundation.data.synthetic import random_dataset, random_record
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,33 @@ def test_errors_name_the_file_and_exit_2(tmp_path, records, capsys):
     assert f"{path}: sha256" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "recs")]) == 2
     assert "manifest.json: missing" in capsys.readouterr().err
+
+
+def test_shard_refuses_a_held_out_composition_that_removes_an_element(tmp_path, capsys):
+    """GaO is the only O compound: --test-compositions GaO exits 2 naming O, GaO and the
+    --test-elements fix (no traceback, nothing written); --test-elements O shards it, and
+    inspect lists the unseen composition and the unseen element with their counts."""
+    formulas = [["Ga", "O"], ["Ga", "As"], ["Si", "As"], ["Ga", "Ga"]]
+    for i, f in enumerate(formulas):
+        for k in range(3):
+            random_record(f"{''.join(f)}-{k}", f, seed=10 * i + k).save(
+                tmp_path / "recs" / f"{i}{k}"
+            )
+    ds = tmp_path / "ds"
+    argv = ["shard", str(tmp_path / "recs"), "--out", str(ds)]
+    assert main([*argv, "--test-compositions", "GaO"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("foundation-data shard: error: Held-out composition GaO (3 structures)")
+    assert "would take O out of the training split" in err and "--test-elements O" in err
+    assert "Traceback" not in err and not list(tmp_path.rglob("*.tar"))
+
+    assert main([*argv, "--test-compositions", "GaAs", "--test-elements", "O"]) == 0
+    out = capsys.readouterr().out
+    assert "unseen composition 3, unseen element 3)" in out
+    assert main(["inspect", str(ds)]) == 0
+    text = capsys.readouterr().out
+    assert "  unseen compositions in test: GaAs 3" in text
+    assert "  unseen elements in test: O (GaO 3)" in text
 
 
 def test_generate_calls_pyscf_generate_dataset(tmp_path, monkeypatch, capsys):

@@ -99,3 +99,54 @@ def test_state_dict_round_trip_sets_resume_position(dm):
     assert fresh._epoch_start() == (2, 4)
     fresh.load_state_dict({"epoch": 2, "consumed": 6, "seed": 3})  # closed epoch → next one
     assert fresh._epoch_start() == (3, 0)
+
+
+def test_test_batches_tag_split_groups_and_metrics_report_each_group(tmp_path):
+    """Test batches carry each structure's split group from the manifest policy; BlockErrors
+    reports the MAE of each group apart. A prediction off by (g + 1) meV on every entry of
+    group g gives exactly 1, 2 and 3 meV for seen, unseen composition and unseen element."""
+    from foundation.data.shards import split_group, write_shards
+    from foundation.data.synthetic import random_record
+    from foundation.train.metrics import BlockErrors
+
+    formulas = [["Ga", "O"], ["Ga", "As"], ["Si", "As"], ["Ga", "Ga"], ["Si", "Si"]]
+    records = [
+        random_record(f"{''.join(f)}-{k}", f, seed=10 * i + k)
+        for i, f in enumerate(formulas)
+        for k in range(4)
+    ]
+    root = tmp_path / "ds"
+    write_shards(
+        records, root, name="groups", test_fraction=0.3, test_compositions=["GaAs"],
+        test_elements=["O"],
+    )  # fmt: skip
+    dm = ShardDataModule(root, targets=(keys.H,), max_edges=150)
+    errors = BlockErrors(dm.basis.atomic_numbers, [keys.H])
+    tagged = {g: 0 for g in keys.SPLIT_GROUPS}
+    for batch in dm.eval_stream("test"):
+        group = batch[keys.SPLIT_GROUP]
+        for b in range(len(group)):
+            numbers = batch[keys.NUMBERS][batch[keys.BATCH] == b]
+            expected = split_group(numbers, ["GaAs"], ["O"])
+            assert keys.SPLIT_GROUPS[int(group[b])] == expected
+            tagged[expected] += 1
+        offset = 1e-3 * (group[batch[keys.EDGE_BATCH]] + 1).to(batch[keys.H].dtype)
+        pred = {keys.H: batch[keys.H] + offset[:, None, None]}
+        errors.update(pred, batch, float(batch.pop(EVAL_WEIGHT)[0]))
+    assert tagged["seen"] > 0 and tagged["unseen_composition"] == tagged["unseen_element"] == 4
+    values = errors.compute(per_pair=False)
+    for g, expected in zip(keys.SPLIT_GROUPS, (1.0, 2.0, 3.0), strict=True):
+        for part in ("", "_onsite", "_offsite"):
+            assert values[f"mae_h_{g}{part}_meV"] == pytest.approx(expected, rel=1e-4)
+    assert 1.0 < values["mae_h_meV"] < 3.0
+
+    val = next(iter(dm.eval_stream("val")))
+    assert val[keys.SPLIT_GROUP].tolist() == [0] * len(val[keys.N_ATOMS])
+    val.pop(keys.SPLIT_GROUP)  # a batch without tags counts in the overall MAE only
+    untagged = BlockErrors(dm.basis.atomic_numbers, [keys.H])
+    untagged.update({keys.H: val[keys.H] + 1e-3}, val)
+    assert set(untagged.compute(per_pair=False)) == {
+        "mae_h_meV",
+        "mae_h_onsite_meV",
+        "mae_h_offsite_meV",
+    }

@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+from foundation import keys
 from foundation.data.shards import (
     ShardError,
+    SplitPolicyError,
     assign_split,
     decode_sample,
     iter_records,
     load_records,
+    policy_group,
     read_manifest,
     record_pipeline,
     reduced_formula,
     shard_paths,
+    split_group,
     split_pipeline,
     verify_dataset,
     write_shards,
@@ -226,6 +230,99 @@ def test_split_is_deterministic_and_held_out_compositions_go_to_test(tmp_path):
             )
             == a[r.key]
         )
+
+
+def _compounds():
+    """GaC, GaO, GaAs, SiAs and Ga₂ cells (3 each): O occurs only in GaO."""
+    formulas = [["Ga", "C"], ["Ga", "O"], ["Ga", "As"], ["Si", "As"], ["Ga", "Ga"]]
+    return [
+        random_record(f"{''.join(f)}-{k}", f, seed=10 * i + k)
+        for i, f in enumerate(formulas)
+        for k in range(3)
+    ]
+
+
+def _splits_of(root):
+    return {r.key: s for s in ("train", "val", "test") for r in load_records(root, s)}
+
+
+def test_held_out_composition_that_removes_an_element_from_train_is_refused(tmp_path):
+    """GaO is the only O compound: holding it out would make O an unseen element. The
+    error names the element, the composition and --test-elements; nothing is written and an
+    earlier dataset in the directory stays intact."""
+    recs = _compounds()
+    out = tmp_path / "ds"
+    before = write_shards(recs, out, name="x", test_compositions=["GaAs"], test_elements=["O"])
+    with pytest.raises(SplitPolicyError) as err:
+        write_shards(recs, out, name="x", test_compositions=["GaO"])
+    msg = str(err.value)
+    assert "Held-out composition GaO (3 structures) would take O out of the training split" in msg
+    assert "--test-elements O" in msg
+    assert read_manifest(out) == before
+    assert not list(out.rglob(".*tmp*"))
+    verify_dataset(out)
+
+
+def test_test_elements_hold_out_every_structure_of_the_element(tmp_path):
+    """--test-elements O: all GaO cells go to test as unseen elements, the held-out GaAs as
+    an unseen composition (Ga and As keep training structures); the manifest counts both."""
+    recs = _compounds()
+    m = write_shards(
+        recs,
+        tmp_path / "ds",
+        name="x",
+        val_fraction=0.1,
+        test_fraction=0.1,
+        test_compositions=["GaAs"],
+        test_elements=["O"],
+    )
+    split = _splits_of(tmp_path / "ds")
+    for r in recs:
+        group = split_group(r.numbers, ["GaAs"], ["O"])
+        assert group == {"GaO": "unseen_element", "GaAs": "unseen_composition"}.get(
+            r.key.split("-")[0], "seen"
+        )
+        assert policy_group(r.numbers, m["split_policy"]) == keys.SPLIT_GROUPS.index(group)
+        if group != "seen":
+            assert split[r.key] == "test"
+    policy = m["split_policy"]
+    assert policy["test_elements"] == ["O"] and policy["test_compositions"] == ["GaAs"]
+    assert policy["held_out_counts"] == {"GaAs": 3}
+    assert policy["unseen_element_counts"] == {"GaO": 3}
+    seen_in_test = sum(1 for r in recs if split[r.key] == "test") - 6
+    assert policy["test_groups"] == {
+        "seen": seen_in_test,
+        "unseen_composition": 3,
+        "unseen_element": 3,
+    }
+    train_elements = {int(z) for r in recs if split[r.key] == "train" for z in r.numbers}
+    assert train_elements == {6, 14, 31, 33}  # C, Si, Ga, As: every element but O
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"test_compositions": ["GaO"], "test_elements": ["O"]},
+            "Held-out composition GaO contains the unseen test element.* O",
+        ),
+        ({"test_elements": ["Xe"]}, "Unseen test element.* Xe: no structure"),
+        ({"test_elements": ["Qq"]}, "'Qq' are not chemical symbols"),
+    ],
+)
+def test_contradictory_split_options_are_refused(tmp_path, options, message):
+    with pytest.raises(SplitPolicyError, match=message):
+        write_shards(_compounds(), tmp_path / "ds", name="x", **options)
+    assert not list((tmp_path / "ds").rglob("*.tar*"))
+
+
+def test_hash_split_that_leaves_an_element_out_of_train_is_refused(tmp_path):
+    """An element whose only structures all hash into val/test is refused too (naming it and
+    the keys), with --seed or --test-elements as the fix."""
+    recs = _compounds()
+    with pytest.raises(SplitPolicyError, match=r"Element C has no structure in the training.*"
+                       r"GaC-0.*--test-elements C"):  # fmt: skip
+        write_shards(recs, tmp_path / "ds", name="x", val_fraction=0.5, test_fraction=0.5)
 
 
 def test_bad_keys_and_duplicates_are_refused(tmp_path):

@@ -4,7 +4,8 @@ Subcommands::
 
     foundation-data generate STRUCTURE... --records DIR        PySCF records (one dir per key)
     foundation-data convert INPUT... --from deeph --to shards --out DIR --name NAME
-    foundation-data shard RECORDS... --out data_shards/NAME --name NAME [--test-compositions GaAs]
+    foundation-data shard RECORDS... --out data_shards/NAME --name NAME
+                          [--test-compositions GaAs] [--test-elements Se]
     foundation-data inspect data_shards/NAME [--verify]
 
 INPUT / RECORDS may name one folder or a directory searched recursively for folders of the
@@ -126,12 +127,20 @@ def _split_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--test-compositions",
         default="",
-        help="comma-separated reduced formulas held out entirely in test, e.g. GaAs,MgO",
+        help="comma-separated reduced formulas held out entirely in test (unseen compositions), "
+        "e.g. GaAs,MgO; each of their elements must keep a structure in train",
+    )
+    g.add_argument(
+        "--test-elements",
+        default="",
+        help="comma-separated elements whose structures all go to test, scored apart as "
+        "unseen elements (zero-shot element transfer), e.g. Se",
     )
 
 
 def _write_shards(records, args: argparse.Namespace) -> dict:
     comps = [c.strip() for c in args.test_compositions.split(",") if c.strip()]
+    elements = [e.strip() for e in args.test_elements.split(",") if e.strip()]
     out = Path(args.out)
     manifest = write_shards(
         records,
@@ -142,9 +151,13 @@ def _write_shards(records, args: argparse.Namespace) -> dict:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         test_compositions=comps,
+        test_elements=elements,
     )
     counts = ", ".join(f"{s} {v['n_samples']}" for s, v in manifest["splits"].items())
-    print(f"wrote {manifest['n_samples']} structures to {out} ({counts})")
+    groups = ", ".join(
+        f"{g.replace('_', ' ')} {n}" for g, n in manifest["split_policy"]["test_groups"].items()
+    )
+    print(f"wrote {manifest['n_samples']} structures to {out} ({counts}; test: {groups})")
     return manifest
 
 
@@ -205,6 +218,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _counted(counts: dict[str, int | None]) -> str:
+    """``{"InAs": 4, "PbTe": 9}`` → ``InAs 4, PbTe 9`` (names alone when counts are missing)."""
+    return ", ".join(name if n is None else f"{name} {n}" for name, n in counts.items())
+
+
 def summarize(dataset_dir: Path) -> str:
     """The `inspect` table: per-element counts, splits, structure/edge/block statistics."""
     m = read_manifest(dataset_dir)
@@ -234,9 +252,15 @@ def summarize(dataset_dir: Path) -> str:
     lines += ["", f"  {'split':<8}{'shards':>7}{'structures':>12}{'edges':>10}"]
     for split, v in m["splits"].items():
         lines.append(f"  {split:<8}{len(v['shards']):>7}{v['n_samples']:>12}{v['n_edges']:>10}")
-    held = m.get("split_policy", {}).get("test_compositions") or []
+    policy = m.get("split_policy", {})
+    held = policy.get("held_out_counts") or dict.fromkeys(policy.get("test_compositions") or [])
     if held:
-        lines.append(f"  held out in test: {', '.join(held)}")
+        lines.append(f"  unseen compositions in test: {_counted(held)}")
+    unseen = policy.get("unseen_element_counts") or {}
+    if policy.get("test_elements"):
+        lines.append(
+            f"  unseen elements in test: {', '.join(policy['test_elements'])} ({_counted(unseen)})"
+        )
     lines += ["", f"  {'per structure':<16}{'min':>8}{'mean':>10}{'max':>8}"]
     for label, name in (("atoms", "atoms_per_structure"), ("edges", "edges_per_structure")):
         s = stats[name]
@@ -249,9 +273,32 @@ def summarize(dataset_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def statistics_table(dataset_dir: Path) -> str:
+    """The per-species target statistics foundation-train fits on the train split
+    (`foundation.model.standardize`; at most ``MAX_STRUCTURES`` structures), one table per
+    target: per element the on-site reference and scales of each shell."""
+    from foundation.data.shards import shard_paths
+    from foundation.model.standardize import MAX_STRUCTURES, fit_statistics, sample_records
+
+    m = read_manifest(dataset_dir)
+    split = "train" if "train" in m["splits"] else next(iter(m["splits"]))
+    targets = [t for t in ("h", "s") if t in m.get("targets", ["h", "s"])]
+    universal = BasisSet.from_dict(m["basis"]).universal
+    shards = [str(p) for p in shard_paths(dataset_dir, split)]
+    if not shards:
+        return f"  target statistics: split {split} is empty, nothing to fit"
+    fitted = fit_statistics(sample_records(shards, MAX_STRUCTURES), universal, targets)
+    lines = [f"  target statistics (split {split}; what foundation-train fits before training)"]
+    for name, stats in fitted.items():
+        lines += [f"  {name}:", *stats.describe(m["units"]["energy"] if name == "h" else "1")]
+    return "\n".join(lines)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     dataset = Path(args.dataset)
     print(summarize(dataset))
+    if not args.no_statistics:
+        print("\n" + statistics_table(dataset))
     if args.verify:
         verify_dataset(dataset)
         n = sum(len(v["shards"]) for v in read_manifest(dataset)["splits"].values())
@@ -302,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a dataset's element/structure/edge table")
     p.add_argument("dataset")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    p.add_argument(
+        "--no-statistics",
+        action="store_true",
+        help="skip the per-species target statistics (a pass over the train split)",
+    )
     p.set_defaults(func=cmd_inspect)
     return parser
 

@@ -12,6 +12,9 @@ Streaming, deterministic, and safe for many ranks:
   round-robin to that rank's workers). Ranks left one batch short get a copy flagged
   ``EVAL_WEIGHT = 0``, so every rank runs the same number of steps (no collective hangs)
   and every structure counts exactly once in the metrics.
+* **Split groups**: val/test batches tag each structure as seen, unseen composition or
+  unseen element (``keys.SPLIT_GROUP``, from the manifest's split policy) so the metrics
+  report the three apart.
 * **Batches** hold as many structures as fit ``max_edges`` edges (a structure larger than
   the budget is a batch of its own), collated with `foundation.data.graph.collate_graphs`.
 * **Replay** (optional, fine-tuning): every train batch also takes structures of a second
@@ -205,7 +208,22 @@ class TrainStream(_GraphStream):
 
 class EvalStream(_GraphStream):
     """The whole split once, in manifest order; batch k → rank k % world_size; the ranks left
-    one short get a weight-0 copy so every rank runs the same number of steps."""
+    one short get a weight-0 copy so every rank runs the same number of steps. With a
+    ``split_policy`` (the manifest's) every batch carries ``keys.SPLIT_GROUP``: per structure,
+    seen / unseen composition / unseen element (`foundation.data.shards.policy_group`)."""
+
+    def __init__(self, *args: Any, split_policy: Mapping[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.split_policy = split_policy
+
+    def _collate(self, records: list[HamiltonianRecord]) -> dict[str, torch.Tensor]:
+        from foundation.data.shards import policy_group
+
+        out = super()._collate(records)
+        if self.split_policy is not None:
+            groups = [policy_group(r.numbers, self.split_policy) for r in records]
+            out[keys.SPLIT_GROUP] = torch.tensor(groups, dtype=torch.long)
+        return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         w, nw = _worker()
@@ -424,6 +442,7 @@ class ShardDataModule(pl.LightningDataModule):
             self.max_structures,
             rank=rank,
             world_size=world_size,
+            split_policy=self.manifest.get("split_policy", {}),
         )
 
     def _loader_kwargs(self) -> dict[str, Any]:

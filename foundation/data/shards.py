@@ -18,9 +18,14 @@ place once complete, and the manifest (sha256, sample and edge counts per shard,
 elements, units, split policy, summary statistics) is written last, the same way. Tar
 members carry a fixed mtime, so the same records give byte-identical shards.
 
-Split policy: a record whose reduced composition (``GaAs`` for Ga2As2) is listed in
-``test_compositions`` goes to test; every other record goes by a hash of
-``f"{seed}:{key}"``, so a record's split depends on nothing but its key and the seed.
+Split policy (`split_group`, `assign_split`): a record holding an element listed in
+``test_elements`` goes to test as an *unseen element*; a record whose reduced composition
+(``GaAs`` for Ga2As2) is listed in ``test_compositions`` goes to test as an *unseen
+composition*; every other record goes by a hash of ``f"{seed}:{key}"``, so a record's split
+depends on nothing but its key and the seed. Every element outside ``test_elements`` must
+keep at least one structure in train: a held-out composition that would take an element out
+of training (it would measure zero-shot element transfer, not a new composition) is refused
+with `SplitPolicyError`, naming the element, the composition and ``--test-elements``.
 
 Streaming: `record_pipeline` is the webdataset pipeline (shard list → split by node →
 split by worker → tar → samples → `decode_sample`) that data modules build on;
@@ -74,6 +79,11 @@ class ShardError(ValueError):
     """A shard dataset is missing, corrupt, tampered with or holds a refused member."""
 
 
+class SplitPolicyError(ValueError):
+    """The split options would leave an element without training structures (or are
+    contradictory); the message names the element, the composition and the fix."""
+
+
 def _fix(dataset: str | os.PathLike) -> str:
     return _REGENERATE.format(dataset)
 
@@ -85,13 +95,51 @@ def reduced_formula(numbers: Iterable[int]) -> str:
     return Formula(symbols).reduce()[0].format("metal")
 
 
-def _held_out(numbers: Iterable[int], compositions: Sequence[str]) -> str | None:
-    """The reduced formula if it is one of ``compositions`` (any element order), else None."""
-    formula = reduced_formula(numbers)
-    count = Formula(formula).count()
-    if any(Formula(c).reduce()[0].count() == count for c in compositions):
-        return formula
-    return None
+def held_out_composition(numbers: Iterable[int], compositions: Sequence[str]) -> str | None:
+    """The entry of ``compositions`` (as spelled there) that is the structure's reduced
+    composition, in any element order or multiple (``SiGe`` for Ge2Si2), else None."""
+    count = Formula(reduced_formula(numbers)).count()
+    return next((c for c in compositions if Formula(c).reduce()[0].count() == count), None)
+
+
+def element_symbols(numbers: Iterable[int]) -> set[str]:
+    """Chemical symbols of the distinct atomic numbers in ``numbers``."""
+    return {chemical_symbols[int(z)] for z in set(np.asarray(numbers).tolist())}
+
+
+def check_test_elements(test_elements: Iterable[str]) -> list[str]:
+    """``test_elements`` as a list of chemical symbols; raise naming any that is not one."""
+    elements = [str(el).strip() for el in test_elements]
+    bad = [el for el in elements if el not in chemical_symbols[1:]]
+    if bad:
+        raise SplitPolicyError(
+            f"Unseen test element(s) {', '.join(map(repr, bad))} are not chemical symbols; "
+            "write them like --test-elements Se,Te."
+        )
+    return elements
+
+
+def split_group(
+    numbers: Iterable[int], test_compositions: Sequence[str] = (), test_elements: Sequence[str] = ()
+) -> str:
+    """What a structure measures when evaluated (one of `keys.SPLIT_GROUPS`): ``unseen_element``
+    if it holds an element of ``test_elements``, else ``unseen_composition`` if its reduced
+    composition is one of ``test_compositions``, else ``seen``."""
+    numbers = np.asarray(numbers)
+    if element_symbols(numbers) & set(test_elements):
+        return "unseen_element"
+    if held_out_composition(numbers, test_compositions) is not None:
+        return "unseen_composition"
+    return "seen"
+
+
+def policy_group(numbers: Iterable[int], policy: Mapping) -> int:
+    """Index into `keys.SPLIT_GROUPS` of a structure under a manifest's ``split_policy``
+    (manifests written before ``test_elements`` existed have none)."""
+    group = split_group(
+        numbers, policy.get("test_compositions") or (), policy.get("test_elements") or ()
+    )
+    return keys.SPLIT_GROUPS.index(group)
 
 
 def hash_fraction(key: str, seed: int) -> float:
@@ -107,9 +155,11 @@ def assign_split(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     test_compositions: Sequence[str] = (),
+    test_elements: Sequence[str] = (),
 ) -> str:
-    """'train', 'val' or 'test' for one record (held-out compositions always go to test)."""
-    if _held_out(record.numbers, test_compositions) is not None:
+    """'train', 'val' or 'test' for one record (unseen elements and held-out compositions
+    always go to test)."""
+    if split_group(record.numbers, test_compositions, test_elements) != "seen":
         return "test"
     u = hash_fraction(record.key, seed)
     if u < test_fraction:
@@ -260,6 +310,78 @@ class _SplitWriter:
         self._done = []
 
 
+class _TrainCoverage:
+    """Which elements keep a structure in the training split, and why the others do not."""
+
+    def __init__(self, test_elements: Sequence[str], seed: int):
+        self.test_elements = set(test_elements)
+        self.seed = seed
+        self.train: set[str] = set()
+        self.seen: set[str] = set()
+        self.held_out: dict[str, dict[str, int]] = {}  # element → {held-out formula: count}
+        self.hashed_out: dict[str, list[str]] = {}  # element → keys hashed into val/test
+
+    def add(self, numbers: np.ndarray, key: str, split: str, held_out: str | None) -> None:
+        """One structure; ``held_out``: its entry of test_compositions, if any."""
+        for el in element_symbols(numbers):
+            self.seen.add(el)
+            if split == "train":
+                self.train.add(el)
+            elif held_out is not None:
+                held = self.held_out.setdefault(el, {})
+                held[held_out] = held.get(held_out, 0) + 1
+            elif not self.test_elements & element_symbols(numbers):
+                self.hashed_out.setdefault(el, []).append(key)
+
+    def check(self) -> None:
+        """Raise `SplitPolicyError` for a test element no structure holds, or for an element
+        outside ``test_elements`` that has no training structure."""
+        absent = sorted(self.test_elements - self.seen)
+        if absent:
+            raise SplitPolicyError(
+                f"Unseen test element(s) {', '.join(absent)}: no structure of the dataset "
+                "contains them; remove them from --test-elements."
+            )
+        order = chemical_symbols.index
+        for el in sorted(self.seen - self.train - self.test_elements, key=order):
+            held = self.held_out.get(el, {})
+            if held:
+                comps = ", ".join(f"{f} ({n} structures)" for f, n in sorted(held.items()))
+                raise SplitPolicyError(
+                    f"Held-out composition {comps} would take {el} out of the training split: "
+                    f"every structure containing {el} is held out, so the {el} embedding never "
+                    f"trains and the test measures an unseen element, not an unseen composition. "
+                    f"Hold out a composition whose elements all occur in other training "
+                    f"structures, or test {el} explicitly as an unseen element with "
+                    f"--test-elements {el} (write_shards(test_elements=[{el!r}]))."
+                )
+            keys_ = self.hashed_out.get(el, [])
+            shown = ", ".join(keys_[:5]) + (", …" if len(keys_) > 5 else "")
+            raise SplitPolicyError(
+                f"Element {el} has no structure in the training split: its {len(keys_)} "
+                f"structure(s) ({shown}) all fell into val/test by the hash split (seed "
+                f"{self.seed}). Use another --seed, add structures containing {el}, or test it "
+                f"explicitly as an unseen element with --test-elements {el}."
+            )
+
+
+def _check_policy(test_compositions: Sequence[str], test_elements: Sequence[str]) -> None:
+    """Held-out compositions must be formulas and must not contain an unseen test element
+    (a structure is scored in one group only)."""
+    for comp in test_compositions:
+        try:
+            elements = set(Formula(comp).reduce()[0].count())
+        except ValueError:
+            raise ValueError(f"Held-out composition {comp!r} is not a chemical formula.") from None
+        overlap = sorted(elements & set(test_elements))
+        if overlap:
+            raise SplitPolicyError(
+                f"Held-out composition {comp} contains the unseen test element(s) "
+                f"{', '.join(overlap)}: its structures are scored as unseen elements already; "
+                f"remove {comp} from --test-compositions."
+            )
+
+
 def _one_or_list(values: set):
     values = {v for v in values if v is not None}
     if not values:
@@ -277,6 +399,7 @@ def write_shards(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     test_compositions: Sequence[str] | None = None,
+    test_elements: Sequence[str] | None = None,
     extra_manifest: Mapping | None = None,
 ) -> dict:
     """Stream records into per-split shards under ``out_dir`` and write its manifest.
@@ -286,6 +409,10 @@ def write_shards(
     failed run leaves an earlier dataset in ``out_dir`` untouched; then they are renamed
     into place, shards the new manifest does not list are removed and the manifest is
     written last. Returns the manifest.
+
+    ``test_compositions`` (reduced formulas) and ``test_elements`` (symbols) are held out in
+    test (see the module docstring); `SplitPolicyError` if an element other than
+    ``test_elements`` would end up without a training structure.
     """
     out_dir = Path(out_dir)
     if samples_per_shard < 1:
@@ -296,11 +423,8 @@ def write_shards(
             "and sum to at most 1."
         )
     test_compositions = list(test_compositions or [])
-    for comp in test_compositions:
-        try:
-            Formula(comp).reduce()
-        except ValueError:
-            raise ValueError(f"Held-out composition {comp!r} is not a chemical formula.") from None
+    test_elements = check_test_elements(test_elements or [])
+    _check_policy(test_compositions, test_elements)
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {s: _SplitWriter(out_dir, s, samples_per_shard) for s in SPLITS}
     seen: set[str] = set()
@@ -308,6 +432,9 @@ def write_shards(
     stats = DatasetStats()
     functionals, cutoffs, targets, sources = set(), set(), {keys.H}, set()
     held_out: dict[str, int] = {}
+    unseen_element: dict[str, int] = {}
+    test_groups = dict.fromkeys(keys.SPLIT_GROUPS, 0)
+    coverage = _TrainCoverage(test_elements, seed)
     try:
         for record in records:
             check_key(record.key)
@@ -315,16 +442,24 @@ def write_shards(
                 raise ValueError(f"Duplicate record key {record.key!r}; keys must be unique.")
             seen.add(record.key)
             basis = record.basis if basis is None else basis.merged(record.basis)
-            formula = _held_out(record.numbers, test_compositions)
-            if formula is not None:
-                held_out[formula] = held_out.get(formula, 0) + 1
+            group = split_group(record.numbers, test_compositions, test_elements)
+            composition = held_out_composition(record.numbers, test_compositions)
+            if group == "unseen_composition":
+                held_out[composition] = held_out.get(composition, 0) + 1
+            elif group == "unseen_element":
+                formula = reduced_formula(record.numbers)
+                unseen_element[formula] = unseen_element.get(formula, 0) + 1
             split = assign_split(
                 record,
                 seed=seed,
                 val_fraction=val_fraction,
                 test_fraction=test_fraction,
                 test_compositions=test_compositions,
+                test_elements=test_elements,
             )
+            if split == "test":
+                test_groups[group] += 1
+            coverage.add(record.numbers, record.key, split, composition)
             writers[split].write(record)
             stats.add(record)
             functionals.add(record.meta.get(keys.FUNCTIONAL))
@@ -335,6 +470,7 @@ def write_shards(
             targets.update(record.extras)
         for w in writers.values():
             w.close()
+        coverage.check()
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -369,9 +505,14 @@ def write_shards(
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
             "test_compositions": test_compositions,
+            "test_elements": test_elements,
             "held_out_counts": held_out,
-            "rule": "composition in test_compositions → test; else sha256(f'{seed}:{key}') "
-            "fraction u: u < test_fraction → test, u < test+val → val, else train",
+            "unseen_element_counts": unseen_element,
+            "test_groups": test_groups,
+            "rule": "an element in test_elements → test (unseen_element); else composition in "
+            "test_compositions → test (unseen_composition); else sha256(f'{seed}:{key}') "
+            "fraction u: u < test_fraction → test, u < test+val → val, else train (seen); "
+            "every element outside test_elements keeps a training structure",
         },
         "stats": stats.to_dict(),
     } | dict(extra_manifest or {})
@@ -601,22 +742,48 @@ def load_records(
     return list(iter_records(dataset_dir, split))
 
 
+def saved_records(keys_: Sequence[str], source: str | os.PathLike) -> dict[str, HamiltonianRecord]:
+    """Key → record for those of ``keys_`` saved in ``source``, in the order of ``keys_``.
+
+    ``source`` is a records directory (one ``<key>/`` folder per record) or a shard dataset
+    (with manifest.json, checksums verified): re-sharding a shipped dataset under a new split
+    policy reads it back unchanged, in the order its generator wrote it.
+    """
+    source = Path(source)
+    if (source / MANIFEST).is_file():
+        found = {r.key: r for r in iter_records(source)}
+    else:
+        found = {
+            k: HamiltonianRecord.load(source / k)
+            for k in keys_
+            if (source / k / "structure.json").is_file()
+        }
+    return {k: found[k] for k in keys_ if k in found}
+
+
 __all__ = [
     "MANIFEST",
     "SPLITS",
     "DatasetStats",
     "ShardError",
+    "SplitPolicyError",
     "assign_split",
     "check_key",
+    "check_test_elements",
     "decode_sample",
+    "element_symbols",
     "hash_fraction",
+    "held_out_composition",
     "iter_records",
     "load_records",
+    "policy_group",
     "read_manifest",
     "record_pipeline",
+    "saved_records",
     "reduced_formula",
     "shard_paths",
     "shard_samples",
+    "split_group",
     "split_pipeline",
     "verify_dataset",
     "write_shards",

@@ -173,8 +173,26 @@ def summary(
     targets: Sequence[str] = ("h",),
 ) -> str:
     """One line that ends a run: steps, wall time, and the last validation and test MAE of
-    each of ``targets`` (meV for H-like targets, with on-/off-site; 10⁻³ for S)."""
+    each of ``targets`` (meV for H-like targets, with on-/off-site; 10⁻³ for S); where a split
+    holds unseen compositions or unseen elements, the MAE of each split group too."""
+    from foundation import keys
     from foundation.train.metrics import unit
+
+    group_words = dict(
+        zip(
+            keys.SPLIT_GROUPS,
+            ("seen compositions", "unseen compositions", "unseen elements"),
+            strict=True,
+        )
+    )
+
+    def groups(split: str, target: str, label: str) -> str:
+        values = {g: metrics.get(f"{split}/mae_{target}_{g}_{label}") for g in group_words}
+        if all(v is None for g, v in values.items() if g != "seen"):
+            return ""
+        return "; " + ", ".join(
+            f"{group_words[g]} " + ("none" if v is None else f"{v:.1f}") for g, v in values.items()
+        )
 
     parts = [f"{steps} steps in {fit_s / 60:.1f} min"]
     for split in ("val", "test"):
@@ -189,7 +207,8 @@ def summary(
                 if f"{split}/mae_{target}_{part}_{label}" in metrics
             )
             name = "H" if target == "h" else "S" if target == "s" else target
-            detail = f" ({detail})" if detail else ""
+            detail += groups(split, target, label)
+            detail = f" ({detail.removeprefix('; ')})" if detail else ""
             parts.append(
                 f"{split} {name} MAE {metrics[key]:.2f} {label.replace('_per_A', '/Å')}{detail}"
             )

@@ -1,8 +1,12 @@
-"""Block errors accumulated over an epoch: MAE overall, on-site / off-site, per element pair.
+"""Block errors accumulated over an epoch: MAE overall, on-site / off-site, per element pair,
+and per split group (seen / unseen composition / unseen element).
 
-Sums (not means) are kept per (element pair, on-site flag) so that ranks can add their
-tables (one all-reduce at epoch end) and every real matrix entry counts exactly once.
-Reported in meV for energy-like targets (H in eV) and in 10⁻³ for the dimensionless S.
+Sums (not means) are kept per (split group, element pair, on-site flag) so that ranks can
+add their tables (one all-reduce at epoch end) and every real matrix entry counts exactly
+once. Reported in meV for energy-like targets (H in eV) and in 10⁻³ for the dimensionless S.
+The split group of a structure comes from the batch (``keys.SPLIT_GROUP``, set by the
+evaluation stream from the dataset's split policy); batches without it count in the overall
+and per-pair errors only.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ def unit(target: str) -> tuple[str, float]:
 
 
 class BlockErrors:
-    """Σ|pred − target| and entry counts per target × unordered element pair × on-site flag.
+    """Σ|pred − target| and entry counts per target × split group × unordered element pair ×
+    on-site flag.
 
     Only entries of `losses.target_mask` count (real orbitals of structures that have the
-    target).
+    target). The group axis has one slot per `keys.SPLIT_GROUPS` entry plus a last slot for
+    structures of batches without ``keys.SPLIT_GROUP`` (not reported as a group).
 
     ``elements``: the model's atomic numbers (index order of the pair table).
     """
@@ -45,7 +51,8 @@ class BlockErrors:
         lookup[torch.tensor(self.elements)] = torch.arange(len(self.elements))
         self._lookup = lookup
         n = len(self.elements)
-        self._shape = (len(self.targets), n, n, 2)
+        self._untagged = len(keys.SPLIT_GROUPS)
+        self._shape = (len(self.targets), self._untagged + 1, n, n, 2)
         self.abs_sum = torch.zeros(self._shape, dtype=torch.float64)
         self.count = torch.zeros(self._shape, dtype=torch.float64)
 
@@ -66,7 +73,12 @@ class BlockErrors:
         a, b = lookup[numbers[src]], lookup[numbers[dst]]
         lo, hi = torch.minimum(a, b), torch.maximum(a, b)
         n = len(self.elements)
-        cell = (lo * n + hi) * 2 + batch[keys.ONSITE].long()  # flat index into (n, n, 2)
+        if keys.SPLIT_GROUP in batch:
+            group = batch[keys.SPLIT_GROUP].to(numbers.device)[batch[keys.EDGE_BATCH]]
+        else:
+            group = torch.full_like(src, self._untagged)
+        pair = (lo * n + hi) * 2 + batch[keys.ONSITE].long()
+        cell = group * (n * n * 2) + pair  # flat index into (groups, n, n, 2)
         for t, name in enumerate(self.targets):
             mask = target_mask(batch, name)
             per_edge_count = mask.sum(dim=(1, 2)).double()
@@ -81,23 +93,28 @@ class BlockErrors:
         self.abs_sum, self.count = both[0].cpu(), both[1].cpu()
 
     def compute(self, per_pair: bool = True) -> dict[str, float]:
-        """Metric name → value: ``mae_<t>_<unit>``, ``…_onsite``/``…_offsite``, ``…_pair/<A>-<B>``."""
+        """Metric name → value: ``mae_<t>_<unit>``, ``…_onsite``/``…_offsite``, per split group
+        with entries ``mae_<t>_<group>_<unit>`` (and its ``_onsite``/``_offsite``), e.g.
+        ``mae_h_unseen_element_meV``, and ``mae_<t>_pair/<A>-<B>_<unit>``."""
         out: dict[str, float] = {}
         for t, name in enumerate(self.targets):
             label, factor = unit(name)
-            s, c = self.abs_sum[t], self.count[t]
 
             def mae(s_: torch.Tensor, c_: torch.Tensor, factor: float = factor) -> float | None:
                 total = float(c_.sum())
                 return factor * float(s_.sum()) / total if total > 0 else None
 
-            for suffix, value in (
-                ("", mae(s, c)),
-                ("_onsite", mae(s[..., 1], c[..., 1])),
-                ("_offsite", mae(s[..., 0], c[..., 0])),
-            ):
-                if value is not None:
-                    out[f"mae_{name}{suffix}_{label}"] = value
+            groups = [("", slice(None))] + [(f"_{g}", i) for i, g in enumerate(keys.SPLIT_GROUPS)]
+            for prefix, g in groups:
+                s, c = self.abs_sum[t, g], self.count[t, g]
+                for suffix, value in (
+                    ("", mae(s, c)),
+                    ("_onsite", mae(s[..., 1], c[..., 1])),
+                    ("_offsite", mae(s[..., 0], c[..., 0])),
+                ):
+                    if value is not None:
+                        out[f"mae_{name}{prefix}{suffix}_{label}"] = value
+            s, c = self.abs_sum[t].sum(0), self.count[t].sum(0)
             if per_pair:
                 for i, zi in enumerate(self.elements):
                     for j in range(i, len(self.elements)):
