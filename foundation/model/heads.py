@@ -13,7 +13,11 @@ weights):
 * exact hermiticity by symmetrisation, H_e = ½ (B_e + B_rev(e)ᵀ): every edge and its reverse
   (j, i, −R) get transposed blocks, and the result does not depend on which direction or
   edge order came first (so atom permutations cannot change it);
-* entries outside the two atoms' orbitals are exactly zero.
+* entries outside the two atoms' orbitals are exactly zero;
+* the layers predict standardized blocks; `standardize.TargetStatistics` (buffers of the head,
+  fitted on the training split by foundation-train, identity until then) turns them into the
+  target's units: per-element on-site reference c·I plus per-element-pair, per-shell-pair
+  scales, exactly equivariant and symmetric, so the output stays exactly hermitian.
 
 `PairBlockHead` (config type ``pair``) adds a path from the two atoms' node features that
 reaches its own, longer ``cutoff_A``: edges beyond the backbone's cutoff (whose edge features
@@ -41,6 +45,7 @@ from foundation.model.backbone import (
     linear,
 )
 from foundation.model.blocks import BlockIrreps
+from foundation.model.standardize import TargetStatistics
 from foundation.rotations import to_e3nn_frame
 
 
@@ -60,8 +65,10 @@ class BlockHead(nn.Module):
 
     irreps_in: node features ``irreps_node``, edge features ``irreps_edge``;
     irreps_out: ``blocks.irreps`` (one irrep set per universal shell pair) → (n_uni, n_uni).
-    ``scale`` (e.g. the target's standard deviation, in the target's units) multiplies the
-    output so that the layers work with numbers of order one.
+    Output (target units) = ``statistics``(``scale`` · Y) with Y the symmetrised standardized
+    blocks: ``statistics`` (`standardize.TargetStatistics`) adds the on-site reference and
+    multiplies by the per-species scales; ``scale`` (dimensionless, default 1) is one more
+    global factor on Y.
     """
 
     def __init__(
@@ -81,11 +88,14 @@ class BlockHead(nn.Module):
         self.onsite = linear(self.irreps_node, self.irreps_out)
         self.offsite = linear(self.irreps_edge, self.irreps_out)
         self.register_buffer("scale", torch.tensor(float(scale)))
+        self.statistics = TargetStatistics(universal)
 
     @torch.no_grad()
     def zero_output_(self) -> None:
-        """Zero the output layers: the head then predicts exactly zero blocks (a ΔH head that
-        starts from its base head's prediction) while its gradients are not zero."""
+        """Zero the output layers: the head then predicts exactly zero standardized blocks,
+        i.e. exactly zero blocks when its on-site reference is zero (a ΔH head that starts
+        from its base head's prediction; `TargetStatistics.inherit_scales_`), while its
+        gradients are not zero."""
         self.onsite.weight.zero_()
         self.offsite.weight.zero_()
 
@@ -125,8 +135,10 @@ class BlockHead(nn.Module):
         hermitian = 0.5 * (raw + raw_reverse.transpose(-1, -2))
         numbers = batch[keys.NUMBERS]
         src, dst = batch[keys.EDGE_INDEX][:, edges]
+        standardized = hermitian * self.scale.to(raw.dtype)
+        blocks = self.statistics(standardized, numbers[src], numbers[dst], features.onsite[edges])
         mask = self.blocks.pair_mask(numbers[src], numbers[dst])
-        return torch.where(mask, hermitian * self.scale.to(raw.dtype), torch.zeros_like(raw))
+        return torch.where(mask, blocks, torch.zeros_like(raw))
 
 
 class PairBlockHead(BlockHead):

@@ -183,10 +183,13 @@ DEFAULTS: dict[str, Any] = {
     "optimize_einsums": True,
     "heads": {keys.H: {"type": "block", "scale": 1.0}, keys.S: {"type": "block", "scale": 1.0}},
     "lora": None,
+    "standardize": True,
 }
 """Every key a model config may hold (plus ``_target_`` and ``basis``), with defaults.
 ``heads``: name → ``{type, base, …}`` (`head_keys`); ``lora``: null or ``{rank: r}``
-(`foundation.model.lora`)."""
+(`foundation.model.lora`); ``standardize``: foundation-train fits the heads' per-species
+target statistics (`foundation.model.standardize`) on the training split before a fresh
+model trains (false: identity statistics, heads predict target units directly)."""
 
 _IGNORED = {"_target_", "basis"}
 

@@ -54,6 +54,29 @@ def check_dataset_fits_model(datamodule: Any, model: Any) -> None:
         )
 
 
+def fit_target_statistics(module: Any, datamodule: Any) -> None:
+    """Fit the per-species target statistics of a freshly built model with
+    ``model.standardize`` (`foundation.model.standardize`) on the dataset's training split
+    (at most `standardize.MAX_STRUCTURES` structures, shards in a fixed order). Every rank
+    fits the same files in the same order in float64, so all ranks hold identical
+    statistics; a fine-tuned model keeps its pretrained ones."""
+    from foundation.model.standardize import fit_model_statistics, sample_records
+
+    model = module.model
+    if not (getattr(module, "fresh_model", False) and model.config.get("standardize")):
+        return
+    start = time.perf_counter()
+    records = sample_records(datamodule.shards("train"))
+    fitted = fit_model_statistics(model, records, datamodule.targets)
+    for name, stats in fitted.items():
+        log.info(
+            "Target statistics of %s fitted on %d training structures in %.1f s",
+            name,
+            int(stats.n_structures),
+            time.perf_counter() - start,
+        )
+
+
 def _multirun_job_needs_own_process(cfg: DictConfig) -> bool:
     """A multi-process job of a multirun, launched here (not by torchrun/srun)."""
     from hydra.core.hydra_config import HydraConfig
@@ -117,6 +140,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     )
     check_dataset_fits_model(datamodule, module.model)
     datamodule.use_basis(module.model.basis)
+    if cfg.ckpt_path is None:  # a resumed run takes the statistics from its checkpoint
+        fit_target_statistics(module, datamodule)
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]

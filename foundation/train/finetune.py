@@ -9,8 +9,13 @@ backbone's features:
 
 * ``head: delta`` — H_HSE = H_PBE + ΔH: the new head is a ΔH head whose output is added to
   the pretrained H head's (model config ``heads: {h_hse: {type: block, base: h}}``); its
-  output layers start at zero, so the first prediction is exactly the pretrained PBE H.
-* ``head: direct`` — a separate H_HSE head, started as a copy of the pretrained H head.
+  output layers start at zero, so the first prediction is exactly the pretrained PBE H. It
+  takes the H head's per-species scales without its on-site reference.
+* ``head: direct`` — a separate H_HSE head, started as a copy of the pretrained H head
+  (weights and target statistics).
+
+The pretrained heads keep the target statistics of pretraining (`foundation.model.standardize`):
+they are buffers of the checkpoint and are never refitted on the fine-tuning data.
 * ``head_cutoff_A`` (optional, Å, ≥ the backbone's cutoff): the new head is a
   `heads.PairBlockHead` that also predicts blocks for edges up to this longer cutoff from
   the two atoms' node features (its extra path starts at zero).
@@ -145,7 +150,9 @@ def prepare_model(
         model.requires_grad_(False)
     new = model.new_head(target, spec)  # trainable: built after the freeze
     new.zero_output_()
-    if head == "direct":  # the base head's weights; a PairBlockHead's pair path stays zero
+    if head == "delta":  # ΔH: the base's per-species scales, no on-site reference
+        new.statistics.inherit_scales_(model.heads[base].statistics)
+    else:  # the base head's weights and statistics; a PairBlockHead's pair path stays zero
         result = new.load_state_dict(model.heads[base].state_dict(), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"Head {base!r} does not fit {target!r}: {result.unexpected_keys}.")

@@ -103,6 +103,9 @@ class HamiltonianModule(pl.LightningModule):
         self.run_config = run_config
         self.automatic_optimization = False
         self.model = model if built else build_model(model, basis=basis)
+        self.fresh_model = not built
+        """Built here from a config (not pretrained): foundation-train fits its target
+        statistics on the training split (`foundation.model.standardize`)."""
         self.monitor_target = keys.H
         """Target whose MAE is also logged as ``<stage>/mae_meV`` (checkpoint monitor, summary)."""
         self.targets = dict(targets if targets is not None else {keys.H: 1.0, keys.S: 1.0})

@@ -1,0 +1,404 @@
+"""Per-species standardization of block targets (DESIGN.md §5): heads predict standardized
+values, the model speaks the target's units (eV for H, 1 for S) outside.
+
+For a target T (``h``, ``s``) and an edge between atoms of elements Zi, Zj, the block of
+universal shells (a, b) is
+
+    on-site  (i, i, 0):  T_ab = c_ab(Zi) · I  +  σ_on(Zi, a, b) · Y_ab
+    off-site (others):   T_ab = σ_off(Zi, a, Zj, b) · Y_ab,
+                         σ_off(Zi, a, Zj, b) = exp(f(Zi, a) + f(Zj, b))
+
+where Y is the head's standardized (order-one) output and
+
+* ``c_ab(Z)`` (target units) is the on-site reference: the mean over the training atoms of
+  element Z of the invariant, l = 0 part trace(T_ab)/(2l+1) of each on-site block between two
+  shells of the same l (a = b: the shell's mean level; a ≠ b: e.g. the overlap of two s
+  shells); c·I rotates into itself, so the reference is exactly equivariant. Blocks between
+  shells of different l have no invariant part and no reference.
+* ``σ_on(Z, a, b)`` is the RMS of the on-site residual T_ab − c_ab·I over the training atoms of
+  element Z (symmetric in a, b).
+* ``f(Z, a)`` are per-element, per-shell log factors fitted jointly by weighted least squares
+  to log RMS of the off-site blocks of every (Zi, a, Zj, b) group seen in training (weight:
+  the group's block count). The product form is symmetric under (Zi, a) ↔ (Zj, b), so the
+  symmetrised (hermitian) output stays exactly hermitian, and it is defined for every pair of
+  elements of the basis — also for a pair that never occurs in training (the held-out
+  composition InAs of pbe_mini has In–As bonds that train never shows), which gets the
+  product of the factors the two elements earned in their other compounds.
+
+Scales are per shell-pair scalars and the reference is c·I, so standardization commutes with
+rotations and inversion exactly. RMS values below ``FLOOR_RATIO`` × the target's overall RMS
+are raised to it (the on-site overlap of a fixed basis is a per-element constant: its
+residual is rounding noise, and its scale becomes that floor — the head can then barely move
+it away from the exact reference).
+
+An element of the basis absent from the fitted data (a zero-shot element; DESIGN.md §4 keeps
+them out of pretraining) gets, per universal shell, the mean log factor and the mean
+reference of the fitted elements that have that shell, and as on-site scale the geometric
+mean of theirs — finite, never NaN. `TargetStatistics` holds the result as persistent
+buffers of its head (state_dict, Lightning checkpoint, exported ``model.pt``, fine-tuning);
+a head that was never fitted (unit tests, synthetic data) has identity statistics (c = 0,
+σ = 1), and a state_dict from before standardization loads as identity.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from ase.data import chemical_symbols
+from torch import nn
+
+from foundation import keys
+from foundation.basis import L_LETTERS, UniversalBasis
+
+FLOOR_RATIO = 1e-4
+"""RMS floor of a (element, shell pair) group relative to the target's overall RMS."""
+MAX_STRUCTURES = 2000
+"""Default cap on the training structures streamed for the fit (foundation-train)."""
+_STAT_BUFFERS = ("onsite_reference", "onsite_scale", "offsite_log_factor", "n_structures")
+
+
+def _shell_layout(universal: UniversalBasis) -> tuple[np.ndarray, np.ndarray]:
+    """(shell of each universal orbital (n_uni,), same-l-same-m pattern (n_uni, n_uni))."""
+    shells = np.asarray(universal.shells)
+    shell_of = np.repeat(np.arange(len(shells)), 2 * shells + 1)
+    m_of = np.concatenate([np.arange(2 * l + 1) for l in shells])
+    l_of = shells[shell_of]
+    eye = (l_of[:, None] == l_of[None, :]) & (m_of[:, None] == m_of[None, :])
+    return shell_of, eye
+
+
+class TargetStatistics(nn.Module):
+    """Per-species reference and scales of one target (module notes), applied by its head.
+
+    Persistent buffers (rows: the basis's elements by increasing Z, ``elements``):
+    ``onsite_reference`` (n_el, n_shell, n_shell), target units, c_ab(Z) (zero unless shells
+    a, b have the same l); ``onsite_scale`` (n_el, n_shell, n_shell) σ_on, target units;
+    ``offsite_log_factor`` (n_el, n_shell) f(Z, a), log of target units / 2;
+    ``n_structures`` () training structures they were fitted on (0: identity statistics).
+    """
+
+    def __init__(self, universal: UniversalBasis):
+        super().__init__()
+        self.universal = universal
+        self.elements = sorted(universal.basis.atomic_numbers)
+        n_el, n_shell = len(self.elements), len(universal.shells)
+        self.register_buffer("onsite_reference", torch.zeros(n_el, n_shell, n_shell))
+        self.register_buffer("onsite_scale", torch.ones(n_el, n_shell, n_shell))
+        self.register_buffer("offsite_log_factor", torch.zeros(n_el, n_shell))
+        self.register_buffer("n_structures", torch.zeros((), dtype=torch.long))
+        row = torch.full((len(chemical_symbols),), -1, dtype=torch.long)
+        row[self.elements] = torch.arange(n_el)
+        shell_of, eye = _shell_layout(universal)
+        self.register_buffer("row_of_z", row, persistent=False)
+        self.register_buffer("shell_of_orbital", torch.as_tensor(shell_of), persistent=False)
+        self.register_buffer("orbital_eye", torch.as_tensor(eye), persistent=False)
+
+    @property
+    def fitted(self) -> bool:
+        return int(self.n_structures) > 0
+
+    # ------------------------------------------------------------------ apply
+    def _orbital(self, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(n_el, n_shell, n_shell) shell-pair table → (n_el, n_uni, n_uni) orbital table."""
+        s = self.shell_of_orbital
+        return table.to(dtype)[:, s][:, :, s]
+
+    def forward(
+        self,
+        standardized: torch.Tensor,
+        numbers_i: torch.Tensor,
+        numbers_j: torch.Tensor,
+        onsite: torch.Tensor,
+    ) -> torch.Tensor:
+        """Blocks in target units from standardized blocks (E, n_uni, n_uni) of edges with
+        atomic numbers ``numbers_i``, ``numbers_j`` (E,) and on-site flags ``onsite`` (E,)."""
+        dtype = standardized.dtype
+        rows_i, rows_j = self.row_of_z[numbers_i], self.row_of_z[numbers_j]
+        factor = torch.exp(self.offsite_log_factor.to(dtype))[:, self.shell_of_orbital]
+        # one product per entry, F_i,a · F_j,b = F_j,b · F_i,a: exactly symmetric (hermitian)
+        out = standardized * (factor[rows_i][:, :, None] * factor[rows_j][:, None, :])
+        where = torch.nonzero(onsite).squeeze(1)
+        if where.numel():
+            rows = rows_i[where]
+            reference = self._orbital(self.onsite_reference, dtype) * self.orbital_eye
+            scale = self._orbital(self.onsite_scale, dtype)
+            values = reference[rows] + scale[rows] * standardized[where]
+            out = out.index_copy(0, where, values)
+        return out
+
+    # ------------------------------------------------------------------ set / copy
+    @torch.no_grad()
+    def set_(
+        self,
+        onsite_reference: np.ndarray | torch.Tensor,
+        onsite_scale: np.ndarray | torch.Tensor,
+        offsite_log_factor: np.ndarray | torch.Tensor,
+        n_structures: int,
+    ) -> None:
+        """Load fitted statistics (shapes of the buffers; rows by increasing Z). The on-site
+        tables must be symmetric in the two shells (to 1e-6 relative); they are stored exactly
+        symmetric, so the output stays exactly hermitian."""
+        values = (onsite_reference, onsite_scale, offsite_log_factor)
+        for name, value in zip(_STAT_BUFFERS, values, strict=False):
+            buffer = getattr(self, name)
+            value = torch.as_tensor(np.asarray(value), dtype=torch.float64)
+            if value.shape != buffer.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)}, expected {buffer.shape}.")
+            if not torch.isfinite(value).all() or (name == "onsite_scale" and (value <= 0).any()):
+                raise ValueError(f"{name}: statistics must be finite (scales positive).")
+            if value.ndim == 3:
+                asymmetry = (value - value.transpose(1, 2)).abs().max()
+                if asymmetry > 1e-6 * max(1.0, float(value.abs().max())):
+                    raise ValueError(f"{name}: not symmetric in the two shells ({asymmetry:.3g}).")
+                value = 0.5 * (value + value.transpose(1, 2))
+            buffer.copy_(value.to(buffer.dtype))
+        self.n_structures.fill_(int(n_structures))
+
+    @torch.no_grad()
+    def inherit_scales_(self, other: TargetStatistics) -> None:
+        """Take ``other``'s scales with a zero reference: a ΔH head added to a base head
+        predicts corrections of the base's magnitude around zero."""
+        self.onsite_reference.zero_()
+        for name in ("onsite_scale", "offsite_log_factor", "n_structures"):
+            getattr(self, name).copy_(getattr(other, name))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written before standardization has none of these buffers: its heads
+        # predicted target units directly, i.e. identity statistics, which we keep.
+        if not any(prefix + name in state_dict for name in _STAT_BUFFERS):
+            identity = {"onsite_scale": torch.ones_like(self.onsite_scale)}
+            for name in _STAT_BUFFERS:
+                value = identity.get(name, torch.zeros_like(getattr(self, name)))
+                state_dict[prefix + name] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ report
+    def describe(self, unit: str) -> list[str]:
+        """Table lines: per element, the on-site reference c_aa of each shell and the
+        off-site factor exp f(Z, a) per shell, both in ``unit`` (target units; σ_off of a
+        pair is the product of the two factors)."""
+        shells = self.universal.shells
+        names = [f"{L_LETTERS[l]}{k}" for k, l in enumerate(shells)]
+        status = (
+            f"fitted on {int(self.n_structures)} structures"
+            if self.fitted
+            else "identity (not fitted)"
+        )
+        lines = [
+            f"    {status}; per element: on-site reference c (shell mean level, {unit}) | "
+            f"on-site residual scale σ_on ({unit}) | off-site factor exp f ({unit}^½)"
+        ]
+        first = self.universal.shell_offsets[:-1]
+        for row, z in enumerate(self.elements):
+            has = self.universal.mask(z)[first]  # the element has this universal shell
+            cells = []
+            for label, table in (
+                ("c", self.onsite_reference[row].diagonal()),
+                ("σ_on", self.onsite_scale[row].diagonal()),
+                ("exp f", torch.exp(self.offsite_log_factor[row])),
+            ):
+                values = " ".join(
+                    f"{n}={float(v):.4g}" for n, v, h in zip(names, table, has, strict=True) if h
+                )
+                cells.append(f"{label}: {values}")
+            lines.append(f"    {chemical_symbols[z]:<3} " + " | ".join(cells))
+        return lines
+
+
+# ----------------------------------------------------------------------------- fitting
+class StatisticsAccumulator:
+    """Streams padded graphs (`foundation.data.graph.record_to_graph`, float64) of one target
+    once and fits `TargetStatistics` values (module notes). Float64 sums; the result depends
+    only on the graphs and their order, so every rank fitting the same files agrees."""
+
+    def __init__(self, universal: UniversalBasis, target: str):
+        self.universal = universal
+        self.target = target
+        self.elements = sorted(universal.basis.atomic_numbers)
+        self.row_of_z = {z: k for k, z in enumerate(self.elements)}
+        shells = np.asarray(universal.shells)
+        n_el, n_sh = len(self.elements), len(shells)
+        shell_of, self.eye = _shell_layout(universal)
+        self.onehot = np.eye(n_sh)[shell_of]  # (n_uni, n_shell)
+        self.dim = 2 * shells + 1
+        self.same_l = shells[:, None] == shells[None, :]
+        self.has = np.stack(
+            [universal.mask(z)[universal.shell_offsets[:-1]] for z in self.elements]
+        )
+        self.n_on = np.zeros(n_el)
+        self.trace_on = np.zeros((n_el, n_sh, n_sh))  # Σ trace/(2l+1), same-l pairs
+        self.sq_on = np.zeros((n_el, n_sh, n_sh))
+        self.n_off = np.zeros((n_el, n_el))
+        self.sq_off = np.zeros((n_el, n_el, n_sh, n_sh))
+        self.n_structures = 0
+
+    def add(self, graph: Mapping[str, torch.Tensor]) -> None:
+        """One structure's graph (or a batch) holding the target's padded blocks."""
+        blocks = graph[self.target].detach().cpu().double().numpy()
+        numbers = graph[keys.NUMBERS].cpu().numpy()
+        src, dst = graph[keys.EDGE_INDEX].cpu().numpy()
+        onsite = graph[keys.ONSITE].cpu().numpy()
+        rows_i = np.array([self.row_of_z[int(z)] for z in numbers])[src]
+        rows_j = np.array([self.row_of_z[int(z)] for z in numbers])[dst]
+        p = self.onehot
+        sq = np.einsum("ou,eop,pv->euv", p, blocks**2, p, optimize=True)
+        np.add.at(self.sq_off, (rows_i[~onsite], rows_j[~onsite]), sq[~onsite])
+        np.add.at(self.n_off, (rows_i[~onsite], rows_j[~onsite]), 1.0)
+        on = blocks[onsite] * self.eye
+        trace = np.einsum("ou,eop,pv->euv", p, on, p, optimize=True) / self.dim[:, None]
+        np.add.at(self.trace_on, rows_i[onsite], trace * self.same_l)
+        np.add.at(self.sq_on, rows_i[onsite], sq[onsite])
+        np.add.at(self.n_on, rows_i[onsite], 1.0)
+        self.n_structures += int(graph.get(keys.N_ATOMS, torch.ones(1)).numel())
+
+    def fit(self) -> dict[str, np.ndarray | int]:
+        """``{onsite_reference, onsite_scale, offsite_log_factor, n_structures}`` (module
+        notes), ready for `TargetStatistics.set_`."""
+        if self.n_on.sum() == 0 or self.n_off.sum() == 0:
+            raise ValueError(
+                f"Target {self.target!r}: no on-site or no off-site blocks to fit statistics on "
+                f"({self.n_structures} structures); fit on the training split."
+            )
+        size = self.dim[:, None] * self.dim[None, :]  # entries per shell-pair block
+        pair = self.has[:, :, None] & self.has[:, None, :]  # (n_el, n_sh, n_sh)
+        seen = self.n_on > 0
+        n_on = np.maximum(self.n_on, 1.0)[:, None, None]
+        reference = np.where(pair & self.same_l, self.trace_on / n_on, 0.0)
+        reference = 0.5 * (reference + reference.transpose(0, 2, 1))
+        # Σ‖T − c·I‖² = Σ‖T‖² − n (2l+1) c² on same-l pairs (c·I has norm² (2l+1) c²)
+        residual = self.sq_on - self.n_on[:, None, None] * self.dim[:, None] * reference**2
+        residual = 0.5 * (residual + residual.transpose(0, 2, 1))
+        rms_on = np.sqrt(np.maximum(residual, 0.0) / (n_on * size))
+        pair_off = self.has[:, None, :, None] & self.has[None, :, None, :]
+        counts = self.n_off[:, :, None, None] * pair_off
+        rms_off = np.sqrt(self.sq_off / np.maximum(counts, 1.0) / size)
+        total_sq = self.sq_off.sum() + np.where(pair, residual, 0.0).sum()
+        total_n = (counts * size).sum() + (self.n_on[:, None, None] * pair * size).sum()
+        floor = FLOOR_RATIO * math.sqrt(total_sq / total_n)
+        log_factor = self._fit_log_factors(np.log(np.maximum(rms_off, floor)), counts)
+        onsite_scale = np.maximum(rms_on, floor)
+        # elements never seen: means over the fitted elements that have the same shells
+        for row in np.flatnonzero(~seen):
+            for a in range(len(self.dim)):
+                for b in range(len(self.dim)):
+                    donors = seen & self.has[:, a] & self.has[:, b]
+                    if donors.any():
+                        reference[row, a, b] = reference[donors, a, b].mean()
+                        onsite_scale[row, a, b] = np.exp(np.log(onsite_scale[donors, a, b]).mean())
+                    else:
+                        onsite_scale[row, a, b] = np.exp(log_factor[row, a] + log_factor[row, b])
+        return {
+            "onsite_reference": reference,
+            "onsite_scale": onsite_scale,
+            "offsite_log_factor": log_factor,
+            "n_structures": self.n_structures,
+        }
+
+    def _fit_log_factors(self, log_rms: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """f (n_el, n_shell) minimising Σ_g n_g (f[Zi,a] + f[Zj,b] − log rms_g)² over observed
+        groups g, plus a weak pull (weight 1e-6 of the total) towards the mean half log rms
+        that fixes the gauge of bipartite data; unobserved (Z, a) get the mean over the
+        elements that have shell a."""
+        n_el, n_sh = self.has.shape
+        groups = np.argwhere(counts > 0)  # (G, 4): row_i, row_j, a, b
+        weights = np.sqrt(counts[tuple(groups.T)])
+        observed = np.zeros((n_el, n_sh), dtype=bool)
+        observed[groups[:, 0], groups[:, 2]] = True
+        observed[groups[:, 1], groups[:, 3]] = True
+        unknowns = np.argwhere(observed)
+        column = -np.ones((n_el, n_sh), dtype=np.int64)
+        column[tuple(unknowns.T)] = np.arange(len(unknowns))
+        matrix = np.zeros((len(groups) + len(unknowns), len(unknowns)))
+        rhs = np.zeros(len(matrix))
+        g = np.arange(len(groups))
+        np.add.at(matrix, (g, column[groups[:, 0], groups[:, 2]]), weights)
+        np.add.at(matrix, (g, column[groups[:, 1], groups[:, 3]]), weights)
+        values = log_rms[tuple(groups.T)]
+        rhs[: len(groups)] = weights * values
+        prior = 0.5 * np.average(values, weights=weights**2)
+        pull = 1e-3 * math.sqrt(counts.sum())
+        matrix[len(groups) + np.arange(len(unknowns)), np.arange(len(unknowns))] = pull
+        rhs[len(groups) :] = pull * prior
+        solution = np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+        log_factor = np.full((n_el, n_sh), prior)
+        log_factor[tuple(unknowns.T)] = solution
+        for a in range(n_sh):
+            donors = observed[:, a]
+            fallback = log_factor[donors, a].mean() if donors.any() else prior
+            log_factor[~observed[:, a], a] = fallback
+        return log_factor
+
+
+def standardized_heads(model: nn.Module) -> dict[str, TargetStatistics]:
+    """Head name → its `TargetStatistics`, for the heads that carry statistics and have no
+    ``base`` (a ΔH head inherits its base's scales instead, `TargetStatistics.inherit_scales_`)."""
+    bases = getattr(model, "bases", {})
+    return {
+        name: head.statistics
+        for name, head in model.heads.items()
+        if isinstance(getattr(head, "statistics", None), TargetStatistics) and name not in bases
+    }
+
+
+def fit_statistics(
+    records: Iterable, universal: UniversalBasis, targets: Sequence[str]
+) -> dict[str, TargetStatistics]:
+    """`TargetStatistics` of each of ``targets`` fitted in one pass over ``records``
+    (`HamiltonianRecord`s of a training split), padded in ``universal``."""
+    from foundation.data.graph import record_to_graph
+
+    accumulators = {name: StatisticsAccumulator(universal, name) for name in targets}
+    for record in records:
+        graph = record_to_graph(record, universal, list(targets), dtype=torch.float64)
+        for acc in accumulators.values():
+            acc.add(graph)
+    fitted = {}
+    for name, acc in accumulators.items():
+        fitted[name] = TargetStatistics(universal)
+        fitted[name].set_(**acc.fit())
+    return fitted
+
+
+def fit_model_statistics(
+    model: nn.Module, records: Iterable, targets: Sequence[str]
+) -> dict[str, TargetStatistics]:
+    """Fit the statistics of the model's heads named in ``targets`` (e.g. the dataset's h, s)
+    from ``records`` in one pass and set them in place on those heads; returns them by name."""
+    stats = {n: s for n, s in standardized_heads(model).items() if n in targets}
+    if not stats:
+        return {}
+    for name, fitted in fit_statistics(records, model.universal, list(stats)).items():
+        stats[name].load_state_dict(fitted.state_dict())
+    return stats
+
+
+def sample_records(
+    shards: Sequence[str], max_structures: int | None = MAX_STRUCTURES, seed: int = 0
+) -> Iterator:
+    """Records of ``shards`` for the statistics fit: shards in a fixed shuffled order (seeded,
+    the same on every rank) and at most ``max_structures`` records (None: all)."""
+    from foundation.data.shards import record_pipeline
+
+    order = sorted(str(s) for s in shards)
+    random.Random(seed).shuffle(order)
+    pipeline = record_pipeline(order, split_by_node=False, split_by_worker=False)
+    for k, record in enumerate(pipeline):
+        if max_structures is not None and k >= max_structures:
+            return
+        yield record
+
+
+__all__ = [
+    "FLOOR_RATIO",
+    "MAX_STRUCTURES",
+    "StatisticsAccumulator",
+    "TargetStatistics",
+    "fit_model_statistics",
+    "fit_statistics",
+    "sample_records",
+    "standardized_heads",
+]
