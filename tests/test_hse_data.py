@@ -3,8 +3,8 @@
 Checks on the real data: the stored HSE06 blocks reproduce PySCF's own hybrid eigenvalues
 at k-points off the SCF mesh (so the F(k) → H(R) step is right for a hybrid too), the hybrid
 opens the gap of every semiconductor against PBE (the physics the fine-tuning has to
-learn), PBE and HSE06 share edges and overlap, and the test split holds out whole
-compositions.
+learn), PBE and HSE06 share edges and overlap, and the test split holds out a whole
+composition (PbTe) whose elements train, and Se (only in PbSe) as an unseen element.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ase.formula import Formula
 
 from foundation import keys
 from foundation.data.dft.pyscf import band_errors_meV, record_bands
-from foundation.data.shards import load_records, read_manifest, reduced_formula
+from foundation.data.shards import element_symbols, load_records, read_manifest, reduced_formula
 
 ROOT = Path(__file__).resolve().parents[1] / "data_shards" / "hse_mini"
 
@@ -38,12 +38,20 @@ def test_manifest_lists_the_paired_targets():
     assert manifest["splits"]["test"]["n_samples"] > 0
 
 
-def test_test_split_holds_out_whole_compositions(records):
+def test_test_split_holds_out_a_composition_and_an_element_every_other_element_trains(records):
+    """Test = the held-out composition PbTe and every Se structure (PbSe); neither occurs
+    outside test, and the training split holds every element of the dataset but Se."""
+    manifest = read_manifest(ROOT)
+    policy = manifest["split_policy"]
+    assert policy["test_compositions"] == ["PbTe"] and policy["test_elements"] == ["Se"]
     test_keys = {r.key for r in load_records(ROOT, "test")}
     formulas = {reduced_formula(r.numbers) for r in records if r.key in test_keys}
-    assert formulas == {_formula("SiGe"), _formula("PbSe")}
+    assert formulas == {_formula("PbTe"), _formula("PbSe")}
     others = {reduced_formula(r.numbers) for r in records if r.key not in test_keys}
     assert not formulas & others
+    train = {z for r in load_records(ROOT, "train") for z in element_symbols(r.numbers)}
+    assert train == set(manifest["elements"]) - {"Se"}
+    assert policy["test_groups"] == {"seen": 0, "unseen_composition": 5, "unseen_element": 5}
 
 
 def test_stored_hybrid_blocks_reproduce_pyscf_hse06_bands(records):
