@@ -114,6 +114,20 @@ def test_gradient_is_finite_at_a_degenerate_spectrum(setup):
     assert float((grad * batch[keys.S]).sum()) == pytest.approx(float(expected), rel=1e-8)
 
 
+def test_band_term_runs_in_float64_under_autocast(setup):
+    """A bf16 prediction inside a bf16 autocast region: the eigenproblem still runs in
+    float64 (the same loss as the float64 cast of the prediction, outside autocast)."""
+    batch = _batch(setup, KEYS[:2])
+    table = _table(setup)
+    kpts = sample_kpoints(batch, 2, 0, 0)
+    pred = (batch[keys.H] + 0.03 * batch[keys.S]).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        term = band_term(pred, batch, table, kpts, WINDOW_EV)
+    assert term.loss_sum.dtype == torch.float64 and term.pred.dtype == torch.float64
+    expected = _loss(pred.double(), batch, table, kpts)
+    assert float(term.loss_sum) == pytest.approx(float(expected), rel=1e-12)
+
+
 def test_terms_add_over_structures_and_kpoints_do_not_depend_on_the_batch(setup):
     """Data-parallel exactness: a structure draws the same k-points alone or in any batch,
     so the band sums and counts of two sub-batches add up to those of the union batch."""

@@ -172,11 +172,12 @@ def band_term(
         )
     orbitals = orbital_table.to(pred_h.device)[batch[keys.NUMBERS]]
     common = (batch[keys.EDGE_INDEX], batch[keys.EDGE_SHIFT], orbitals, batch[keys.BATCH], kpts)
-    h_pred, n_orb = bloch_matrices(pred_h, *common, pad_diagonal=PAD_EV)
-    with torch.no_grad():
-        h_ref, _ = bloch_matrices(batch[target], *common, pad_diagonal=PAD_EV)
-        s, _ = bloch_matrices(batch[keys.S], *common, pad_diagonal=1.0)
-    eigs = generalized_eigvalsh(torch.stack([h_pred, h_ref]), s, kpts)
+    with torch.autocast(pred_h.device.type, enabled=False):  # float64 whatever the precision
+        h_pred, n_orb = bloch_matrices(pred_h, *common, pad_diagonal=PAD_EV)
+        with torch.no_grad():
+            h_ref, _ = bloch_matrices(batch[target], *common, pad_diagonal=PAD_EV)
+            s, _ = bloch_matrices(batch[keys.S], *common, pad_diagonal=1.0)
+        eigs = generalized_eigvalsh(torch.stack([h_pred, h_ref]), s, kpts)
     pred, ref = eigs[0], eigs[1].detach()
     fermi = reference_fermi_level(ref, n_orb, n_electrons)
     n_max = ref.shape[-1]
