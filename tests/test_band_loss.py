@@ -12,7 +12,7 @@ from foundation.basis import BasisSet
 from foundation.data.graph import collate_graphs, record_to_graph
 from foundation.data.shards import load_records, read_manifest
 from foundation.physics.kspace import BlochHamiltonian, OverlapError, generalized_eigvalsh
-from foundation.train.band_loss import BANDS, band_term, sample_kpoints
+from foundation.train.band_loss import ALIGNMENTS, BANDS, band_term, sample_kpoints
 from foundation.train.config import ConfigError
 from foundation.train.module import HamiltonianModule
 
@@ -38,8 +38,8 @@ def _table(setup) -> torch.Tensor:
     return torch.as_tensor(setup[0].universal.mask_table())
 
 
-def _loss(pred, batch, table, kpts) -> torch.Tensor:
-    return band_term(pred, batch, table, kpts, WINDOW_EV).loss_sum
+def _loss(pred, batch, table, kpts, align="mean") -> torch.Tensor:
+    return band_term(pred, batch, table, kpts, WINDOW_EV, align=align).loss_sum
 
 
 def test_eigenvalues_match_dense_solver_and_dft_prediction_has_zero_loss(setup):
@@ -72,7 +72,8 @@ def test_reference_fermi_level_is_midgap_of_sampled_kpoints(setup):
     )
 
 
-def test_gradient_matches_central_finite_differences(setup):
+@pytest.mark.parametrize("align", ALIGNMENTS)
+def test_gradient_matches_central_finite_differences(setup, align):
     """∂loss/∂(predicted blocks) · v equals the central difference along random directions v
     (float64), at a prediction 50 meV off the DFT blocks."""
     batch = _batch(setup)
@@ -82,7 +83,7 @@ def test_gradient_matches_central_finite_differences(setup):
     mask = batch[keys.BLOCK_MASK]
     noise = torch.randn(batch[keys.H].shape, generator=g, dtype=torch.float64) * mask
     pred = (batch[keys.H] + 0.05 * noise).requires_grad_()
-    (grad,) = torch.autograd.grad(_loss(pred, batch, table, kpts), pred)
+    (grad,) = torch.autograd.grad(_loss(pred, batch, table, kpts, align), pred)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert float(grad[~mask].abs().max()) == 0.0  # padded entries never matter
     eps = 1e-5
@@ -90,8 +91,8 @@ def test_gradient_matches_central_finite_differences(setup):
         for _ in range(3):
             v = torch.randn(pred.shape, generator=g, dtype=torch.float64) * mask
             fd = (
-                _loss(pred + eps * v, batch, table, kpts)
-                - _loss(pred - eps * v, batch, table, kpts)
+                _loss(pred + eps * v, batch, table, kpts, align)
+                - _loss(pred - eps * v, batch, table, kpts, align)
             ) / (2 * eps)
             assert float((grad * v).sum()) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
 
@@ -99,19 +100,23 @@ def test_gradient_matches_central_finite_differences(setup):
 def test_gradient_is_finite_at_a_degenerate_spectrum(setup):
     """H_pred(R) = α S(R) makes every eigenvalue equal α at every k (fully degenerate). The
     gradient stays finite, and along the degeneracy-preserving direction S it is the exact
-    derivative d/dα Σ_sel (α − ε_ref)² = 2 Σ_sel (α − ε_ref)."""
+    derivative: d/dα Σ_sel (α − ε_ref)² = 2 Σ_sel (α − ε_ref) unaligned, 0 with the mean
+    alignment (a uniform shift)."""
     batch = _batch(setup)
     table = _table(setup)
     kpts = torch.cat([torch.zeros(3, 1, 3, dtype=torch.float64), sample_kpoints(batch, 1, 0, 0)], 1)
     alpha = 0.7
     pred = (alpha * batch[keys.S]).requires_grad_()
-    term = band_term(pred, batch, table, kpts, WINDOW_EV)
+    term = band_term(pred, batch, table, kpts, WINDOW_EV, align="none")
     spread = term.pred.detach()[term.selected] - alpha
     assert spread.abs().max() < 1e-9  # degenerate indeed
     (grad,) = torch.autograd.grad(term.loss_sum, pred)
     assert torch.isfinite(grad).all()
     expected = 2.0 * (alpha - term.ref[term.selected]).sum()
     assert float((grad * batch[keys.S]).sum()) == pytest.approx(float(expected), rel=1e-8)
+    (grad,) = torch.autograd.grad(_loss(pred, batch, table, kpts, "mean"), pred)
+    assert torch.isfinite(grad).all()
+    assert float((grad * batch[keys.S]).sum()) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_band_term_runs_in_float64_under_autocast(setup):
@@ -138,14 +143,32 @@ def test_terms_add_over_structures_and_kpoints_do_not_depend_on_the_batch(setup)
     assert torch.equal(k_union, torch.cat([k_first, k_rest]))
     assert not torch.equal(k_union, sample_kpoints(union, 2, 0, 6))  # new draw each step
     terms = []
-    for batch, kpts in ((union, k_union), (first, k_first), (rest, k_rest)):
-        pred = batch[keys.H] + 0.02 * batch[keys.S]  # a uniform 20 meV shift
-        terms.append(band_term(pred, batch, table, kpts, WINDOW_EV))
-    assert float(terms[0].count) == float(terms[1].count + terms[2].count)
-    assert float(terms[0].loss_sum) == pytest.approx(
-        float(terms[1].loss_sum + terms[2].loss_sum), rel=1e-12
-    )
-    assert float(terms[0].loss_sum / terms[0].count) == pytest.approx(0.02**2, rel=1e-6)
+    g = torch.Generator().manual_seed(1)
+    noise = {b: 0.02 * torch.randn(batch[keys.H].shape, generator=g, dtype=torch.float64)
+             for b, batch in enumerate((first, rest))}  # fmt: skip
+    noise = [torch.cat([noise[0], noise[1]]), noise[0], noise[1]]
+    for align in ALIGNMENTS:
+        terms = [
+            band_term(batch[keys.H] + dh, batch, table, kpts, WINDOW_EV, align=align)
+            for batch, kpts, dh in zip(
+                (union, first, rest), (k_union, k_first, k_rest), noise, strict=True
+            )
+        ]
+        assert float(terms[0].count) == float(terms[1].count + terms[2].count)
+        assert float(terms[0].loss_sum) == pytest.approx(
+            float(terms[1].loss_sum + terms[2].loss_sum), rel=1e-12
+        )
+
+
+def test_mean_alignment_ignores_a_uniform_shift(setup):
+    """H + c S shifts every band by c: the unaligned MSE is c², the mean-aligned one 0."""
+    batch = _batch(setup)
+    table = _table(setup)
+    kpts = sample_kpoints(batch, 2, 0, 5)
+    pred = batch[keys.H] + 0.02 * batch[keys.S]
+    for align, expected in (("none", 0.02**2), ("mean", 0.0)):
+        term = band_term(pred, batch, table, kpts, WINDOW_EV, align=align)
+        assert float(term.loss_sum / term.count) == pytest.approx(expected, abs=1e-12), align
 
 
 def test_errors_name_the_problem(setup):
@@ -206,5 +229,7 @@ def test_band_term_enters_the_training_step(setup, model_config):
 def test_band_loss_config_errors(setup, model_config):
     with pytest.raises(ConfigError, match="did you mean 'window_eV'"):
         _module(setup, model_config, band_loss={"weight": 0.1, "window_ev": 2.0})
+    with pytest.raises(ConfigError, match="align='fermi'; choose one of mean, none"):
+        _module(setup, model_config, band_loss={"weight": 0.1, "align": "fermi"})
     with pytest.raises(ValueError, match=r"needs \['s'\] in task.targets"):
         _module(setup, model_config, targets={keys.H: 1.0}, band_loss={"weight": 0.1})

@@ -25,10 +25,14 @@ Per structure of a training batch and per step:
    an odd count. For a metal it is a rough estimate, which the wide window tolerates.
 5. Selected: entries (k, n) whose *reference* eigenvalue lies within ±``window_eV`` of that
    E_F (a fixed index set per step, the same band indices of prediction and reference; a
-   degenerate reference multiplet is in or out as a whole). Loss: Σ (ε_pred − ε_ref)² in eV²
-   over the selection, with its count; the module divides by the global count like every
-   other term. Both spectra are on the stored energy zero (H − μS), so no alignment: a
-   uniform shift of the predicted bands counts as an error, as it does in the block loss.
+   degenerate reference multiplet is in or out as a whole). Error d = ε_pred − ε_ref; with
+   ``align="mean"`` (default) each structure's mean d over its selection is subtracted
+   first, so a uniform shift of the predicted bands costs nothing here (the block loss
+   already pins the absolute level; band metrics measure each spectrum from its own Fermi
+   level) and the term spends itself on dispersion and gaps; ``align="none"`` compares
+   both spectra on the stored energy zero (H − μS). Loss: Σ d² in eV² over the selection,
+   with its count; the module divides by the global count like every other term (a sum
+   over structures, so data-parallel exactness holds).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ from foundation.train.config import ConfigError, suggest
 BANDS = "bands"
 """Name of the band term among the loss terms (logged as ``train/loss_bands``, eV²)."""
 
+ALIGNMENTS = ("mean", "none")
+"""How predicted and reference spectra are aligned before the squared error (module notes)."""
+
 PAD_EV = 1.0e4
 """Diagonal of the padding orbitals of H(k) (eV): far above any valence band."""
 
@@ -61,6 +68,7 @@ class BandLossConfig:
         window_eV: half-width of the energy window around the reference Fermi level (eV).
         target: Hamiltonian target whose bands are compared (``h``; ``h_hse`` to fine-tune).
         seed: seed of the k-point draws.
+        align: ``mean`` (per-structure mean error removed: shift-invariant) or ``none``.
     """
 
     weight: float = 0.0
@@ -68,6 +76,7 @@ class BandLossConfig:
     window_eV: float = 3.0
     target: str = keys.H
     seed: int = 0
+    align: str = "mean"
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -76,6 +85,10 @@ class BandLossConfig:
             raise ConfigError(f"task.band_loss.kpoints must be ≥ 1, got {self.kpoints}.")
         if self.window_eV <= 0:
             raise ConfigError(f"task.band_loss.window_eV must be positive, got {self.window_eV}.")
+        if self.align not in ALIGNMENTS:
+            raise ConfigError(
+                f"task.band_loss.align={self.align!r}; choose one of {', '.join(ALIGNMENTS)}."
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> BandLossConfig:
@@ -148,14 +161,17 @@ def band_term(
     kpts: torch.Tensor,
     window_eV: float,
     target: str = keys.H,
+    align: str = "mean",
 ) -> BandTerm:
     """The band term of one batch (module notes) at the given k-points (B, nk, 3).
 
     ``pred_h``: predicted (E, n_uni, n_uni) blocks of ``target``; ``orbital_table``:
     (max_Z, n_uni) bool element masks (`UniversalBasis.mask_table`). The batch needs
     ``target``, ``keys.S`` and ``keys.N_ELECTRONS``; structures whose presence flag of the
-    target is False (``keys.present(target)``) select nothing.
+    target is False (``keys.present(target)``) select nothing. ``align``: `ALIGNMENTS`.
     """
+    if align not in ALIGNMENTS:
+        raise ValueError(f"align={align!r}; choose one of {', '.join(ALIGNMENTS)}.")
     for name in (target, keys.S, keys.N_ELECTRONS):
         if name not in batch:
             raise KeyError(
@@ -189,6 +205,10 @@ def band_term(
         has[batch[keys.EDGE_BATCH][flags]] = True
         selected = selected & has[:, None, None]
     diff = torch.where(selected, pred - ref, torch.zeros_like(pred))
+    if align == "mean":
+        per_structure = selected.sum((1, 2)).clamp_min(1)
+        shift = diff.sum((1, 2)) / per_structure
+        diff = torch.where(selected, diff - shift[:, None, None], torch.zeros_like(diff))
     return BandTerm(
         loss_sum=diff.square().sum(),
         count=selected.sum().to(torch.float64),

@@ -71,7 +71,7 @@ class HamiltonianModule(pl.LightningModule):
         max_bad_steps: non-finite steps tolerated before the run stops.
         log_pairs: log per-element-pair MAE at the end of each validation epoch.
         band_loss: the band-space term (`band_loss.BandLossConfig`: weight, kpoints,
-            window_eV, target, seed); None or weight 0: off (costs nothing).
+            window_eV, target, seed, align); None or weight 0: off (costs nothing).
         run_config: the resolved run config, stored in checkpoints (not used otherwise).
     """
 
@@ -172,7 +172,13 @@ class HamiltonianModule(pl.LightningModule):
             cfg = self.band_loss
             kpts = sample_kpoints(batch, cfg.kpoints, cfg.seed, self.global_step)
             term = band_term(
-                pred[cfg.target], batch, self._orbital_table, kpts, cfg.window_eV, cfg.target
+                pred[cfg.target],
+                batch,
+                self._orbital_table,
+                kpts,
+                cfg.window_eV,
+                cfg.target,
+                cfg.align,
             )
             dtype = next(iter(terms.values()))[0].dtype  # float64 inside, the block sums' dtype out
             terms[BANDS] = (term.loss_sum.to(dtype), term.count)
