@@ -21,7 +21,7 @@ from train_support import REPO, SHIPPED, compose, fit, read_metrics, run_cli
 from foundation import keys, testing
 from foundation.basis import BasisSet
 from foundation.data.graph import collate_graphs, record_to_graph, structure_to_graph
-from foundation.data.shards import load_records
+from foundation.data.shards import load_records, policy_group, read_manifest
 from foundation.model import build_model
 from foundation.model.backbone import edge_vectors
 from foundation.physics.bands import band_gap
@@ -115,17 +115,9 @@ def _gap(record, h_flat: np.ndarray) -> float:
     return band_gap(ham, mesh_spacing=0.3, kpts=record.meta["dft_bands"]["kpts_frac"])
 
 
-def test_finetuned_gaps_are_closer_to_hse06(finetuned):
-    """The exported fine-tuned model predicts h_hse; on the held-out test compositions
-    (SiGe, PbSe) its band gaps are closer to the HSE06 gaps than the pretrained PBE model's,
-    and its learned correction ΔH = h_hse − h, added to the DFT PBE blocks, takes the PBE
-    gaps most of the way to HSE06 (the remaining error of the full prediction is the
-    pretrained PBE model's own error on compositions it never saw)."""
-    _, export, seconds = finetuned
-    model = load_inference_model(export)
-    pbe_model = _pretrained()
-    assert list(model.heads) == [keys.H, keys.S, keys.H_HSE] and model.bases == {"h_hse": "h"}
-    records = load_records(HSE, "test")
+def _gap_rows(model, pbe_model, records) -> np.ndarray:
+    """Per record: gaps (eV) of HSE06 DFT, PBE DFT, the PBE model, the fine-tuned model and
+    DFT PBE + the learned ΔH = h_hse − h."""
     rows = []
     for record in records:
         batch = _batch([record], model.universal)
@@ -145,29 +137,58 @@ def test_finetuned_gaps_are_closer_to_hse06(finetuned):
                 _gap(record, record.h + delta),
             )
         )
-    ref_hse, *others = np.array(rows).T
-    mae_dft, mae_pbe, mae_ft, mae_delta = (float(np.mean(np.abs(g - ref_hse))) for g in others)
-    print(
-        f"\n{len(records)} held-out structures, fine-tune {seconds:.0f} s: gap MAE vs HSE06 (eV) "
-        f"PBE model {mae_pbe:.3f}, fine-tuned {mae_ft:.3f}; DFT PBE {mae_dft:.3f}, "
-        f"DFT PBE + learned ΔH {mae_delta:.3f}"
-    )
+    return np.array(rows)
+
+
+def test_finetuned_gaps_are_closer_to_hse06(finetuned):
+    """The exported fine-tuned model predicts h_hse. Gaps of the structures it never trained
+    on, per split group: seen compositions (hse_mini's validation cells), the unseen
+    composition PbTe (Pb and Te train) and the unseen element set PbSe (Se never trains).
+
+    Measured (80 steps, 2-core CPU, 2026-12-02), gap MAE vs HSE06 in eV, PBE model →
+    fine-tuned; DFT PBE → DFT PBE + learned ΔH: seen 1.19 → 0.55; 0.82 → 0.13. PbTe
+    0.92 → 0.87; 0.32 → 0.41 (the learned ΔH does not transfer to the new composition: it
+    closes the PbTe gaps). PbSe 0.60 → 0.60 (the pretrained model makes every PbSe cell a
+    metal); 0.26 → 0.21. Asserted: the fine-tuned model beats the PBE model on seen and
+    unseen compositions, and ΔH takes the DFT PBE gaps most of the way to HSE06 on seen
+    compositions; the unseen-element group is printed, not asserted."""
+    _, export, seconds = finetuned
+    model = load_inference_model(export)
+    pbe_model = _pretrained()
+    assert list(model.heads) == [keys.H, keys.S, keys.H_HSE] and model.bases == {"h_hse": "h"}
+    policy = read_manifest(HSE)["split_policy"]
+    records = load_records(HSE, "val") + load_records(HSE, "test")
+    rows = _gap_rows(model, pbe_model, records)
+    groups = np.array([keys.SPLIT_GROUPS[policy_group(r.numbers, policy)] for r in records])
+    mae = {}
+    for group in keys.SPLIT_GROUPS:
+        ref_hse, *others = rows[groups == group].T
+        mae[group] = [float(np.mean(np.abs(g - ref_hse))) for g in others]
+        print(
+            f"\n{group}: {int((groups == group).sum())} structures, fine-tune {seconds:.0f} s: gap "
+            "MAE vs HSE06 (eV) PBE model {:.3f}, fine-tuned {:.3f}; DFT PBE {:.3f}, "
+            "DFT PBE + learned ΔH {:.3f}".format(*mae[group][1:3], mae[group][0], mae[group][3])
+        )
     for record, row in zip(records, rows, strict=True):
         print(f"  {record.key}: HSE06 {row[0]:.3f}  PBE {row[1]:.3f}  PBE model {row[2]:.3f}  "
               f"fine-tuned {row[3]:.3f}  PBE + ΔH {row[4]:.3f} eV")  # fmt: skip
+    mae_dft, mae_pbe, mae_ft, mae_delta = mae["seen"]
     assert mae_ft < mae_pbe
-    assert mae_delta < 0.75 * mae_dft
+    assert mae_delta < 0.5 * mae_dft
+    mae_dft, mae_pbe, mae_ft, mae_delta = mae["unseen_composition"]
+    assert mae_ft < mae_pbe
 
 
 def test_predict_cli_target_hse_compares_with_hse06(finetuned, tmp_path, capsys):
-    """foundation-predict --target hse on a held-out structure: the model's h_hse blocks, and
-    with --compare on its hse_mini record the bands are checked against the HSE06 DFT ones;
-    its gap error is smaller than the pretrained PBE model's against the same HSE06 data.
+    """foundation-predict --target hse on a validation SiGe cell (not trained on): the model's
+    h_hse blocks, and with --compare on its hse_mini record the bands are checked against the
+    HSE06 DFT ones; its gap error is smaller than the pretrained PBE model's against the same
+    HSE06 data.
     A model without an h_hse head is refused with the fix."""
     from ase.io import write
 
     _, export, _ = finetuned
-    record = next(r for r in load_records(HSE, "test") if r.key.startswith("SiGe"))
+    record = next(r for r in load_records(HSE, "val") if r.key.startswith("SiGe"))
     record.save(tmp_path / "paired")  # h (PBE) and the extra h_hse: --target picks h_hse
     record.with_target(keys.H_HSE).save(tmp_path / "hse_only")  # HSE06 as its only H
     structure = tmp_path / "cell.vasp"
