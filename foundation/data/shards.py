@@ -317,33 +317,34 @@ class _TrainCoverage:
         self.test_elements = set(test_elements)
         self.seed = seed
         self.train: set[str] = set()
-        self.seen: set[str] = set()
+        self.present: set[str] = set()  # elements of any structure
         self.held_out: dict[str, dict[str, int]] = {}  # element → {held-out formula: count}
         self.hashed_out: dict[str, list[str]] = {}  # element → keys hashed into val/test
 
     def add(self, numbers: np.ndarray, key: str, split: str, held_out: str | None) -> None:
         """One structure; ``held_out``: its entry of test_compositions, if any."""
-        for el in element_symbols(numbers):
-            self.seen.add(el)
+        elements = element_symbols(numbers)
+        for el in elements:
+            self.present.add(el)
             if split == "train":
                 self.train.add(el)
             elif held_out is not None:
                 held = self.held_out.setdefault(el, {})
                 held[held_out] = held.get(held_out, 0) + 1
-            elif not self.test_elements & element_symbols(numbers):
+            elif not self.test_elements & elements:
                 self.hashed_out.setdefault(el, []).append(key)
 
     def check(self) -> None:
         """Raise `SplitPolicyError` for a test element no structure holds, or for an element
         outside ``test_elements`` that has no training structure."""
-        absent = sorted(self.test_elements - self.seen)
+        absent = sorted(self.test_elements - self.present)
         if absent:
             raise SplitPolicyError(
                 f"Unseen test element(s) {', '.join(absent)}: no structure of the dataset "
                 "contains them; remove them from --test-elements."
             )
         order = chemical_symbols.index
-        for el in sorted(self.seen - self.train - self.test_elements, key=order):
+        for el in sorted(self.present - self.train - self.test_elements, key=order):
             held = self.held_out.get(el, {})
             if held:
                 comps = ", ".join(f"{f} ({n} structures)" for f, n in sorted(held.items()))
