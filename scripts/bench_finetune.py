@@ -5,7 +5,7 @@ HSE06 (``data_shards/hse_mini``; its test split holds the held-out composition P
 *unseen composition* whose elements train, and PbSe, the *unseen element* set: Se occurs in
 no training structure; the two are reported apart):
 
-* band gap of every test structure (CBM − VBM on a Γ-centred 6×6×6 mesh plus the record's
+* band gap of every validation (seen compositions, not trained on) and test structure (CBM − VBM on a Γ-centred 6×6×6 mesh plus the record's
   three generic k-points, 0 for a metal; `foundation.physics.bands.band_gap`) from
   - the HSE06 DFT blocks (the reference), and the PBE DFT blocks (context: how far PBE is);
   - (a) the pretrained PBE model (its ``h`` head): what one gets without fine-tuning;
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
 
-    test = load_records(args.data, "test")
+    held = load_records(args.data, "val") + load_records(args.data, "test")  # never trained on
     models: dict[str, tuple] = {"pbe_model": (load_model(args.pretrained), keys.H)}
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
@@ -241,11 +241,11 @@ def main(argv: list[str] | None = None) -> None:
                           "test_mae_h_hse_meV_per_group": {
                               g: run["metrics"].get(f"test/mae_h_hse_{g}_meV")
                               for g in keys.SPLIT_GROUPS}}  # fmt: skip
-        gaps = gap_table(test, models, read_manifest(args.data)["split_policy"])
+        gaps = gap_table(held, models, read_manifest(args.data)["split_policy"])
     eph_models = {"pretrained": args.pretrained, "eph_finetuned": args.eph_model}
     eph = {} if args.skip_eph else eph_errors(args.eph_data, eph_models)
 
-    print(f"\nHSE06 band gaps of the {len(test)} test structures, eV:")
+    print(f"\nHSE06 band gaps of the {len(held)} validation and test structures, eV:")
     names = [n for n in gaps["rows"][0] if n not in ("key", "group", "hse06_dft")]
     print(f"{'key':22s} {'HSE06 DFT':>10s} " + " ".join(f"{n:>19s}" for n in names))
     for row in gaps["rows"]:
