@@ -16,6 +16,7 @@ from foundation.data.graph import collate_graphs, record_to_graph
 from foundation.data.shards import load_records, read_manifest, shard_paths
 from foundation.model import build_model
 from foundation.model.standardize import (
+    BIN_A,
     StatisticsAccumulator,
     TargetStatistics,
     fit_model_statistics,
@@ -97,20 +98,27 @@ def test_reference_is_the_mean_onsite_level_and_scales_fit_the_blocks(basis, tra
     assert torch.allclose(diag[present], torch.ones(int(present.sum())), atol=1e-6)
     assert float(s.onsite_scale.max()) < 1e-4 < float(h.onsite_scale.min()) * 100
 
-    # product scales reproduce the observed groups' RMS within a factor of ~2 (log error)
+    # product scales with their length decay reproduce the RMS of each observed (Zi, Zj,
+    # length bin, a, b) group within a factor of ~2 (log error), over blocks spanning 10³
     acc = StatisticsAccumulator(universal, keys.H)
     for rec in records:
         acc.add(record_to_graph(rec, universal, [keys.H], dtype=torch.float64))
     size = acc.dim[:, None] * acc.dim[None, :]
-    pair = acc.has[:, None, :, None] & acc.has[None, :, None, :]
-    counts = acc.n_off[:, :, None, None] * pair
+    pair = acc.has[:, None, None, :, None] & acc.has[None, :, None, None, :]
+    counts = acc.n_off[:, :, :, None, None] * pair
     seen = counts > 0
     rms = np.sqrt(acc.sq_off[seen] / (counts * size)[seen])
-    f = h.offsite_log_factor.double().numpy()
-    model = f[:, None, :, None] + f[None, :, None, :]
-    log_error = np.log(rms) - model[seen]
+    f, k = h.offsite_log_factor.double().numpy(), h.offsite_log_decay.double().numpy()
+    r = ((np.arange(acc.n_off.shape[2]) + 0.5) * BIN_A)[None, None, :, None, None]
+    side_i, side_j = f[:, None, None, :, None], f[None, :, None, None, :]
+    decay = k[:, None, None, :, None] + k[None, :, None, None, :]
+    model = side_i + side_j - decay * r - float(h.offsite_log_curvature) * r**2
+    log_error = np.log(rms) - np.broadcast_to(model, counts.shape)[seen]
     weighted = np.sqrt(np.average(log_error**2, weights=counts[seen]))
+    spread = np.log(rms.max() / rms.min())
+    print(f"weighted RMS log error {weighted:.2f} over a log range of {spread:.1f}")
     assert weighted < 0.7, f"weighted RMS log error of the product scales: {weighted:.2f}"
+    assert float(h.offsite_log_decay.mean()) > 0.1  # Hamiltonian blocks decay with length
 
 
 def test_unseen_pair_and_unseen_element_get_finite_transferable_statistics(basis, train_records):
@@ -162,6 +170,8 @@ def _randomize(stats: TargetStatistics, seed: int) -> None:
         scale + scale.transpose(1, 2),
         torch.randn(n_el, n_sh, generator=g, dtype=torch.float64),
         n_structures=1,
+        offsite_log_decay=0.5 * torch.rand(n_el, n_sh, generator=g, dtype=torch.float64),
+        offsite_log_curvature=0.02,
     )
 
 
@@ -176,6 +186,9 @@ def test_standardized_heads_stay_exactly_equivariant_hermitian_and_masked(basis,
     out = model(batch)
     testing.assert_hermitian(out, batch)
     testing.assert_masked(out, batch)
+    # the length-dependent scales are part of the function: dH/dτ by autograd = FD
+    err = testing.assert_fd_gradient(model, graphs[0], n_coordinates=3, rtol=1e-6)
+    print(f"standardized heads: autograd vs FD relative error {err:.1e}")
     # chunked inference applies the same statistics to every slice of edges
     chunks = model.predict_chunks(batch, edge_chunk=97, names=[keys.H])
     joined = torch.cat([blocks[keys.H] for _, blocks in chunks])

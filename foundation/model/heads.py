@@ -60,6 +60,16 @@ def _check_covers(irreps_in: o3.Irreps, needed: o3.Irreps, what: str) -> None:
         )
 
 
+def edge_lengths(
+    batch: dict[str, torch.Tensor], edges: slice | torch.Tensor, onsite: torch.Tensor
+) -> torch.Tensor:
+    """(n,) lengths |r_ij| (Å) of the selected edges, differentiable w.r.t. positions; on-site
+    rows are 0 with no gradient path (no 0/0 in the derivative of |r| at r = 0)."""
+    vectors = edge_vectors(batch, edges)
+    safe = torch.where(onsite[:, None], torch.ones_like(vectors), vectors)
+    return torch.where(onsite, torch.zeros_like(safe[:, 0]), torch.linalg.norm(safe, dim=1))
+
+
 class BlockHead(nn.Module):
     """Padded hermitian blocks from node (on-site) and edge (off-site) features.
 
@@ -136,7 +146,14 @@ class BlockHead(nn.Module):
         numbers = batch[keys.NUMBERS]
         src, dst = batch[keys.EDGE_INDEX][:, edges]
         standardized = hermitian * self.scale.to(raw.dtype)
-        blocks = self.statistics(standardized, numbers[src], numbers[dst], features.onsite[edges])
+        onsite = features.onsite[edges]
+        # the mean over both directions: bitwise the same for an edge and its reverse
+        reverse_edges = reverse[edges]
+        lengths = 0.5 * (
+            edge_lengths(batch, edges, onsite)
+            + edge_lengths(batch, reverse_edges, features.onsite[reverse_edges])
+        )
+        blocks = self.statistics(standardized, numbers[src], numbers[dst], onsite, lengths)
         mask = self.blocks.pair_mask(numbers[src], numbers[dst])
         return torch.where(mask, blocks, torch.zeros_like(raw))
 

@@ -5,8 +5,8 @@ For a target T (``h``, ``s``) and an edge between atoms of elements Zi, Zj, the 
 universal shells (a, b) is
 
     on-site  (i, i, 0):  T_ab = c_ab(Zi) · I  +  σ_on(Zi, a, b) · Y_ab
-    off-site (others):   T_ab = σ_off(Zi, a, Zj, b) · Y_ab,
-                         σ_off(Zi, a, Zj, b) = exp(f(Zi, a) + f(Zj, b))
+    off-site (others):   T_ab = σ_off(Zi, a, Zj, b; r) · Y_ab,
+                         log σ_off = f(Zi, a) + f(Zj, b) − (κ(Zi, a) + κ(Zj, b)) r − q r²
 
 where Y is the head's standardized (order-one) output and
 
@@ -17,9 +17,13 @@ where Y is the head's standardized (order-one) output and
   shells of different l have no invariant part and no reference.
 * ``σ_on(Z, a, b)`` is the RMS of the on-site residual T_ab − c_ab·I over the training atoms of
   element Z (symmetric in a, b).
-* ``f(Z, a)`` are per-element, per-shell log factors fitted jointly by weighted least squares
-  to log RMS of the off-site blocks of every (Zi, a, Zj, b) group seen in training (weight:
-  the group's block count). The product form is symmetric under (Zi, a) ↔ (Zj, b), so the
+* ``f(Z, a)`` are per-element, per-shell log factors and ``κ(Z, a)`` (1/Å) per-element,
+  per-shell decay rates, with one global curvature ``q`` (1/Å²), fitted jointly by weighted
+  least squares to log RMS of the off-site blocks of every (Zi, a, Zj, b) group seen in
+  training in bins of the edge length r (Å; weight: √ of the bin's block count). Hamiltonian
+  blocks fall by ~10³ between 2.5 and 8.5 Å: a scale without r would leave the head's
+  order-one noise at the size of the nearest-neighbour blocks on the many long edges, whose
+  coherent sum dominates band errors. The product form is symmetric under (Zi, a) ↔ (Zj, b), so the
   symmetrised (hermitian) output stays exactly hermitian, and it is defined for every pair of
   elements of the basis — also for a pair that never occurs in training (the held-out
   composition InAs of pbe_mini has In–As bonds that train never shows), which gets the
@@ -58,7 +62,19 @@ FLOOR_RATIO = 1e-4
 """RMS floor of a (element, shell pair) group relative to the target's overall RMS."""
 MAX_STRUCTURES = 2000
 """Default cap on the training structures streamed for the fit (foundation-train)."""
-_STAT_BUFFERS = ("onsite_reference", "onsite_scale", "offsite_log_factor", "n_structures")
+_STAT_BUFFERS = (
+    "onsite_reference",
+    "onsite_scale",
+    "offsite_log_factor",
+    "offsite_log_decay",
+    "offsite_log_curvature",
+    "n_structures",
+)
+_LENGTH_BUFFERS = ("offsite_log_decay", "offsite_log_curvature")
+BIN_A = 0.5
+"""Width (Å) of the edge-length bins of the off-site fit."""
+MAX_BINS = 40
+"""Bins of the off-site fit (longer edges share the last one)."""
 
 
 def _shell_layout(universal: UniversalBasis) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +94,7 @@ class TargetStatistics(nn.Module):
     ``onsite_reference`` (n_el, n_shell, n_shell), target units, c_ab(Z) (zero unless shells
     a, b have the same l); ``onsite_scale`` (n_el, n_shell, n_shell) σ_on, target units;
     ``offsite_log_factor`` (n_el, n_shell) f(Z, a), log of target units / 2;
+    ``offsite_log_decay`` (n_el, n_shell) κ(Z, a), 1/Å; ``offsite_log_curvature`` () q, 1/Å²;
     ``n_structures`` () training structures they were fitted on (0: identity statistics).
     """
 
@@ -89,6 +106,8 @@ class TargetStatistics(nn.Module):
         self.register_buffer("onsite_reference", torch.zeros(n_el, n_shell, n_shell))
         self.register_buffer("onsite_scale", torch.ones(n_el, n_shell, n_shell))
         self.register_buffer("offsite_log_factor", torch.zeros(n_el, n_shell))
+        self.register_buffer("offsite_log_decay", torch.zeros(n_el, n_shell))
+        self.register_buffer("offsite_log_curvature", torch.zeros((), dtype=torch.float64))
         self.register_buffer("n_structures", torch.zeros((), dtype=torch.long))
         row = torch.full((len(chemical_symbols),), -1, dtype=torch.long)
         row[self.elements] = torch.arange(n_el)
@@ -113,14 +132,22 @@ class TargetStatistics(nn.Module):
         numbers_i: torch.Tensor,
         numbers_j: torch.Tensor,
         onsite: torch.Tensor,
+        lengths: torch.Tensor,
     ) -> torch.Tensor:
         """Blocks in target units from standardized blocks (E, n_uni, n_uni) of edges with
-        atomic numbers ``numbers_i``, ``numbers_j`` (E,) and on-site flags ``onsite`` (E,)."""
+        atomic numbers ``numbers_i``, ``numbers_j`` (E,), on-site flags ``onsite`` (E,) and
+        lengths (E,) in Å (`edge_lengths`; on-site rows unused)."""
         dtype = standardized.dtype
         rows_i, rows_j = self.row_of_z[numbers_i], self.row_of_z[numbers_j]
-        factor = torch.exp(self.offsite_log_factor.to(dtype))[:, self.shell_of_orbital]
+        shell = self.shell_of_orbital
+        r = lengths.to(dtype)[:, None]
+        curvature = 0.5 * self.offsite_log_curvature.to(dtype) * r * r
+        # per side: f − κ r − q r²/2, so the product carries the whole − q r²
+        log_f, log_k = self.offsite_log_factor.to(dtype), self.offsite_log_decay.to(dtype)
+        side_i = torch.exp(log_f[rows_i][:, shell] - log_k[rows_i][:, shell] * r - curvature)
+        side_j = torch.exp(log_f[rows_j][:, shell] - log_k[rows_j][:, shell] * r - curvature)
         # one product per entry, F_i,a · F_j,b = F_j,b · F_i,a: exactly symmetric (hermitian)
-        out = standardized * (factor[rows_i][:, :, None] * factor[rows_j][:, None, :])
+        out = standardized * (side_i[:, :, None] * side_j[:, None, :])
         where = torch.nonzero(onsite).squeeze(1)
         if where.numel():
             rows = rows_i[where]
@@ -138,11 +165,22 @@ class TargetStatistics(nn.Module):
         onsite_scale: np.ndarray | torch.Tensor,
         offsite_log_factor: np.ndarray | torch.Tensor,
         n_structures: int,
+        offsite_log_decay: np.ndarray | torch.Tensor | None = None,
+        offsite_log_curvature: float = 0.0,
     ) -> None:
-        """Load fitted statistics (shapes of the buffers; rows by increasing Z). The on-site
-        tables must be symmetric in the two shells (to 1e-6 relative); they are stored exactly
-        symmetric, so the output stays exactly hermitian."""
-        values = (onsite_reference, onsite_scale, offsite_log_factor)
+        """Load fitted statistics (shapes of the buffers; rows by increasing Z; no decay when
+        ``offsite_log_decay`` is None). The on-site tables must be symmetric in the two shells
+        (to 1e-6 relative); they are stored exactly symmetric, so the output stays exactly
+        hermitian."""
+        if offsite_log_decay is None:
+            offsite_log_decay = torch.zeros_like(self.offsite_log_decay)
+        values = (
+            onsite_reference,
+            onsite_scale,
+            offsite_log_factor,
+            offsite_log_decay,
+            offsite_log_curvature,
+        )
         for name, value in zip(_STAT_BUFFERS, values, strict=False):
             buffer = getattr(self, name)
             value = torch.as_tensor(np.asarray(value), dtype=torch.float64)
@@ -163,15 +201,18 @@ class TargetStatistics(nn.Module):
         """Take ``other``'s scales with a zero reference: a ΔH head added to a base head
         predicts corrections of the base's magnitude around zero."""
         self.onsite_reference.zero_()
-        for name in ("onsite_scale", "offsite_log_factor", "n_structures"):
+        for name in _STAT_BUFFERS[1:]:
             getattr(self, name).copy_(getattr(other, name))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint written before standardization has none of these buffers: its heads
-        # predicted target units directly, i.e. identity statistics, which we keep.
-        if not any(prefix + name in state_dict for name in _STAT_BUFFERS):
-            identity = {"onsite_scale": torch.ones_like(self.onsite_scale)}
-            for name in _STAT_BUFFERS:
+        # predicted target units directly, i.e. identity statistics, which we keep; one
+        # written before the length dependence lacks only κ and q (zero: no decay). Any
+        # other missing buffer is a damaged file, reported by the strict load.
+        identity = {"onsite_scale": torch.ones_like(self.onsite_scale)}
+        missing = [name for name in _STAT_BUFFERS if prefix + name not in state_dict]
+        if len(missing) == len(_STAT_BUFFERS) or set(missing) <= set(_LENGTH_BUFFERS):
+            for name in missing:
                 value = identity.get(name, torch.zeros_like(getattr(self, name)))
                 state_dict[prefix + name] = value
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -190,7 +231,8 @@ class TargetStatistics(nn.Module):
         )
         lines = [
             f"    {status}; per element: on-site reference c (shell mean level, {unit}) | "
-            f"on-site residual scale σ_on ({unit}) | off-site factor exp f ({unit}^½)"
+            f"on-site residual scale σ_on ({unit}) | off-site factor exp f ({unit}^½) | "
+            f"decay κ (1/Å); curvature q = {float(self.offsite_log_curvature):.4g} /Å²"
         ]
         first = self.universal.shell_offsets[:-1]
         for row, z in enumerate(self.elements):
@@ -200,6 +242,7 @@ class TargetStatistics(nn.Module):
                 ("c", self.onsite_reference[row].diagonal()),
                 ("σ_on", self.onsite_scale[row].diagonal()),
                 ("exp f", torch.exp(self.offsite_log_factor[row])),
+                ("κ", self.offsite_log_decay[row]),
             ):
                 values = " ".join(
                     f"{n}={float(v):.4g}" for n, v, h in zip(names, table, has, strict=True) if h
@@ -232,8 +275,8 @@ class StatisticsAccumulator:
         self.n_on = np.zeros(n_el)
         self.trace_on = np.zeros((n_el, n_sh, n_sh))  # Σ trace/(2l+1), same-l pairs
         self.sq_on = np.zeros((n_el, n_sh, n_sh))
-        self.n_off = np.zeros((n_el, n_el))
-        self.sq_off = np.zeros((n_el, n_el, n_sh, n_sh))
+        self.n_off = np.zeros((n_el, n_el, MAX_BINS))
+        self.sq_off = np.zeros((n_el, n_el, MAX_BINS, n_sh, n_sh))
         self.n_structures = 0
 
     def add(self, graph: Mapping[str, torch.Tensor]) -> None:
@@ -246,8 +289,13 @@ class StatisticsAccumulator:
         rows_j = np.array([self.row_of_z[int(z)] for z in numbers])[dst]
         p = self.onehot
         sq = np.einsum("ou,eop,pv->euv", p, blocks**2, p, optimize=True)
-        np.add.at(self.sq_off, (rows_i[~onsite], rows_j[~onsite]), sq[~onsite])
-        np.add.at(self.n_off, (rows_i[~onsite], rows_j[~onsite]), 1.0)
+        from foundation.model.backbone import edge_vectors
+
+        lengths = torch.linalg.norm(edge_vectors(dict(graph)), dim=1).cpu().numpy()
+        bins = np.minimum((lengths / BIN_A).astype(np.int64), MAX_BINS - 1)
+        off = (rows_i[~onsite], rows_j[~onsite], bins[~onsite])
+        np.add.at(self.sq_off, off, sq[~onsite])
+        np.add.at(self.n_off, off, 1.0)
         on = blocks[onsite] * self.eye
         trace = np.einsum("ou,eop,pv->euv", p, on, p, optimize=True) / self.dim[:, None]
         np.add.at(self.trace_on, rows_i[onsite], trace * self.same_l)
@@ -273,13 +321,15 @@ class StatisticsAccumulator:
         residual = self.sq_on - self.n_on[:, None, None] * self.dim[:, None] * reference**2
         residual = 0.5 * (residual + residual.transpose(0, 2, 1))
         rms_on = np.sqrt(np.maximum(residual, 0.0) / (n_on * size))
-        pair_off = self.has[:, None, :, None] & self.has[None, :, None, :]
-        counts = self.n_off[:, :, None, None] * pair_off
+        pair_off = self.has[:, None, None, :, None] & self.has[None, :, None, None, :]
+        counts = self.n_off[:, :, :, None, None] * pair_off  # (n_el, n_el, bins, n_sh, n_sh)
         rms_off = np.sqrt(self.sq_off / np.maximum(counts, 1.0) / size)
         total_sq = self.sq_off.sum() + np.where(pair, residual, 0.0).sum()
         total_n = (counts * size).sum() + (self.n_on[:, None, None] * pair * size).sum()
         floor = FLOOR_RATIO * math.sqrt(total_sq / total_n)
-        log_factor = self._fit_log_factors(np.log(np.maximum(rms_off, floor)), counts)
+        log_factor, log_decay, curvature = self._fit_log_factors(
+            np.log(np.maximum(rms_off, floor)), counts
+        )
         onsite_scale = np.maximum(rms_on, floor)
         # elements never seen: means over the fitted elements that have the same shells
         for row in np.flatnonzero(~seen):
@@ -295,42 +345,56 @@ class StatisticsAccumulator:
             "onsite_reference": reference,
             "onsite_scale": onsite_scale,
             "offsite_log_factor": log_factor,
+            "offsite_log_decay": log_decay,
+            "offsite_log_curvature": curvature,
             "n_structures": self.n_structures,
         }
 
-    def _fit_log_factors(self, log_rms: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """f (n_el, n_shell) minimising Σ_g n_g (f[Zi,a] + f[Zj,b] − log rms_g)² over observed
-        groups g, plus a weak pull (weight 1e-6 of the total) towards the mean half log rms
-        that fixes the gauge of bipartite data; unobserved (Z, a) get the mean over the
-        elements that have shell a."""
+    def _fit_log_factors(
+        self, log_rms: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """(f, κ, q) minimising Σ_g n_g (f[Zi,a] + f[Zj,b] − (κ[Zi,a] + κ[Zj,b]) r_g − q r_g²
+        − log rms_g)² over observed groups g = (Zi, Zj, length bin, a, b) with bin centre r_g,
+        plus a weak pull (1e-3 √n) towards (mean half log rms, no decay) that fixes the gauge of
+        bipartite data; unobserved (Z, a) get the mean over the elements that have shell a."""
         n_el, n_sh = self.has.shape
-        groups = np.argwhere(counts > 0)  # (G, 4): row_i, row_j, a, b
+        groups = np.argwhere(counts > 0)  # (G, 5): row_i, row_j, bin, a, b
         weights = np.sqrt(counts[tuple(groups.T)])
+        r = (groups[:, 2] + 0.5) * BIN_A
         observed = np.zeros((n_el, n_sh), dtype=bool)
-        observed[groups[:, 0], groups[:, 2]] = True
-        observed[groups[:, 1], groups[:, 3]] = True
+        observed[groups[:, 0], groups[:, 3]] = True
+        observed[groups[:, 1], groups[:, 4]] = True
         unknowns = np.argwhere(observed)
+        n_u = len(unknowns)
         column = -np.ones((n_el, n_sh), dtype=np.int64)
-        column[tuple(unknowns.T)] = np.arange(len(unknowns))
-        matrix = np.zeros((len(groups) + len(unknowns), len(unknowns)))
+        column[tuple(unknowns.T)] = np.arange(n_u)
+        # columns: f of each unknown, κ of each unknown, q
+        matrix = np.zeros((len(groups) + 2 * n_u, 2 * n_u + 1))
         rhs = np.zeros(len(matrix))
         g = np.arange(len(groups))
-        np.add.at(matrix, (g, column[groups[:, 0], groups[:, 2]]), weights)
-        np.add.at(matrix, (g, column[groups[:, 1], groups[:, 3]]), weights)
+        for side_row, side_shell in ((0, 3), (1, 4)):
+            col = column[groups[:, side_row], groups[:, side_shell]]
+            np.add.at(matrix, (g, col), weights)
+            np.add.at(matrix, (g, n_u + col), -weights * r)
+        matrix[g, 2 * n_u] = -weights * r * r
         values = log_rms[tuple(groups.T)]
         rhs[: len(groups)] = weights * values
         prior = 0.5 * np.average(values, weights=weights**2)
         pull = 1e-3 * math.sqrt(counts.sum())
-        matrix[len(groups) + np.arange(len(unknowns)), np.arange(len(unknowns))] = pull
-        rhs[len(groups) :] = pull * prior
+        rows = len(groups) + np.arange(2 * n_u)
+        matrix[rows, np.arange(2 * n_u)] = pull
+        rhs[len(groups) : len(groups) + n_u] = pull * prior
         solution = np.linalg.lstsq(matrix, rhs, rcond=None)[0]
         log_factor = np.full((n_el, n_sh), prior)
-        log_factor[tuple(unknowns.T)] = solution
-        for a in range(n_sh):
-            donors = observed[:, a]
-            fallback = log_factor[donors, a].mean() if donors.any() else prior
-            log_factor[~observed[:, a], a] = fallback
-        return log_factor
+        log_decay = np.zeros((n_el, n_sh))
+        log_factor[tuple(unknowns.T)] = solution[:n_u]
+        log_decay[tuple(unknowns.T)] = solution[n_u : 2 * n_u]
+        for table in (log_factor, log_decay):
+            for a in range(n_sh):
+                donors = observed[:, a]
+                fallback = table[donors, a].mean() if donors.any() else table[observed].mean()
+                table[~observed[:, a], a] = fallback
+        return log_factor, log_decay, float(solution[2 * n_u])
 
 
 def standardized_heads(model: nn.Module) -> dict[str, TargetStatistics]:
