@@ -38,7 +38,7 @@ Per structure of a training batch and per step:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -103,9 +103,6 @@ class BandLossConfig:
     @property
     def enabled(self) -> bool:
         return self.weight > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def sample_kpoints(batch: Mapping[str, torch.Tensor], n: int, seed: int, step: int) -> torch.Tensor:
