@@ -396,7 +396,10 @@ def test_two_process_finetune_hybrid_with_lora_and_replay(tmp_path, strategy):
     frozen = {name.replace(".parametrizations.weight.original", ".weight"): t
               for name, t in after.items() if not name.startswith("heads.h_hse.")
               and ".parametrizations.weight.0." not in name}  # fmt: skip
-    assert set(frozen) == set(before)
+    # a checkpoint from before standardization has no statistics: they load as identity
+    added = {n for n in set(frozen) - set(before) if ".statistics." in n}
+    assert all(not frozen[n].any() for n in added if n.endswith(("n_structures", "reference")))
+    assert set(frozen) - added == set(before)
     # (DeepSpeed casts the module to float32, the float64 Bessel-frequency buffer too)
     assert [n for n in before if not torch.equal(before[n].to(frozen[n].dtype), frozen[n])] == []
     adapters = [t for n, t in after.items() if ".parametrizations.weight.0.up." in n]

@@ -15,6 +15,7 @@ from foundation.basis import BasisSet
 from foundation.data.graph import collate_graphs, record_to_graph
 from foundation.data.shards import load_records, read_manifest, shard_paths
 from foundation.model import build_model
+from foundation.model.backbone import edge_vectors
 from foundation.model.standardize import (
     BIN_A,
     StatisticsAccumulator,
@@ -325,3 +326,33 @@ def test_inspect_prints_the_statistics(capsys):
     n_train = read_manifest(SHIPPED)["splits"]["train"]["n_samples"]
     assert "target statistics (split train" in out and f"fitted on {n_train} structures" in out
     assert "In  c: s0=" in out and "d2=" in out
+
+
+def test_normalized_loss_divides_each_residual_by_its_entry_scale(basis, train_records):
+    """task.normalize_loss: Σ((pred − target)/σ)² over real entries, σ = σ_on on-site and the
+    length-dependent σ_off(r) elsewhere; long edges then weigh like short ones."""
+    from foundation.train.losses import target_mask
+    from foundation.train.module import HamiltonianModule
+
+    cfg = TINY | {"cutoff_A": 9.0, "optimize_einsums": False}
+    module = HamiltonianModule(
+        model=cfg, basis=basis.to_dict(), ema_decay=None, normalize_loss=True
+    )
+    for head, fitted in fit_statistics(
+        train_records[:20], basis.universal, [keys.H, keys.S]
+    ).items():
+        module.model.heads[head].statistics.load_state_dict(fitted.state_dict())
+    batch = collate_graphs([record_to_graph(r, basis.universal) for r in train_records[:2]])
+    with torch.no_grad():
+        pred = module.model(batch)
+        terms = module.loss_terms(pred, batch)
+    for name in (keys.H, keys.S):
+        scales = module.model.heads[name].entry_scales(batch)
+        mask = target_mask(batch, name)
+        expected = (((pred[name] - batch[name]) / scales)[mask] ** 2).sum()
+        torch.testing.assert_close(terms[name][0], expected, rtol=1e-5, atol=0)
+    # long edges get much smaller scales than nearest neighbours
+    lengths = torch.linalg.norm(edge_vectors(batch), dim=1)
+    h_scale = module.model.heads[keys.H].entry_scales(batch)[:, 0, 0]
+    short, long = h_scale[(lengths > 2) & (lengths < 3)], h_scale[lengths > 8]
+    assert float(long.max()) < 0.05 * float(short.min())

@@ -43,6 +43,7 @@ from foundation.model.backbone import (
     TensorProductConvolution,
     edge_vectors,
     linear,
+    onsite_flags,
 )
 from foundation.model.blocks import BlockIrreps
 from foundation.model.standardize import TargetStatistics
@@ -68,6 +69,16 @@ def edge_lengths(
     vectors = edge_vectors(batch, edges)
     safe = torch.where(onsite[:, None], torch.ones_like(vectors), vectors)
     return torch.where(onsite, torch.zeros_like(safe[:, 0]), torch.linalg.norm(safe, dim=1))
+
+
+def symmetric_lengths(
+    batch: dict[str, torch.Tensor], edges: slice | torch.Tensor, onsite: torch.Tensor
+) -> torch.Tensor:
+    """`edge_lengths` averaged with the reverse edges' (j, i, −R): bitwise the same for an
+    edge and its reverse, so length-dependent scales keep the blocks exactly hermitian."""
+    reverse = batch[keys.EDGE_REVERSE][edges]
+    reverse_onsite = onsite_flags(batch)[reverse]
+    return 0.5 * (edge_lengths(batch, edges, onsite) + edge_lengths(batch, reverse, reverse_onsite))
 
 
 class BlockHead(nn.Module):
@@ -109,6 +120,18 @@ class BlockHead(nn.Module):
         self.onsite.weight.zero_()
         self.offsite.weight.zero_()
 
+    @torch.no_grad()
+    def entry_scales(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(E, n_uni, n_uni) per-entry scale of this head's target on every edge of ``batch``
+        (target units, no gradient): the statistics' σ_on / σ_off(r) times ``scale``; a loss
+        on residuals divided by it weighs every entry relative to its typical size."""
+        numbers = batch[keys.NUMBERS]
+        src, dst = batch[keys.EDGE_INDEX]
+        onsite = onsite_flags(batch)
+        lengths = symmetric_lengths(batch, slice(None), onsite)
+        scales = self.statistics.scales(numbers[src], numbers[dst], onsite, lengths)
+        return scales * self.scale.to(scales.dtype).abs()
+
     def offsite_irreps(
         self, features: BackboneOutput, batch: dict[str, torch.Tensor], edges: slice | torch.Tensor
     ) -> torch.Tensor:
@@ -147,12 +170,7 @@ class BlockHead(nn.Module):
         src, dst = batch[keys.EDGE_INDEX][:, edges]
         standardized = hermitian * self.scale.to(raw.dtype)
         onsite = features.onsite[edges]
-        # the mean over both directions: bitwise the same for an edge and its reverse
-        reverse_edges = reverse[edges]
-        lengths = 0.5 * (
-            edge_lengths(batch, edges, onsite)
-            + edge_lengths(batch, reverse_edges, features.onsite[reverse_edges])
-        )
+        lengths = symmetric_lengths(batch, edges, onsite)
         blocks = self.statistics(standardized, numbers[src], numbers[dst], onsite, lengths)
         mask = self.blocks.pair_mask(numbers[src], numbers[dst])
         return torch.where(mask, blocks, torch.zeros_like(raw))

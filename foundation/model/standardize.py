@@ -126,18 +126,18 @@ class TargetStatistics(nn.Module):
         s = self.shell_of_orbital
         return table.to(dtype)[:, s][:, :, s]
 
-    def forward(
+    def scales(
         self,
-        standardized: torch.Tensor,
         numbers_i: torch.Tensor,
         numbers_j: torch.Tensor,
         onsite: torch.Tensor,
         lengths: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Blocks in target units from standardized blocks (E, n_uni, n_uni) of edges with
-        atomic numbers ``numbers_i``, ``numbers_j`` (E,), on-site flags ``onsite`` (E,) and
-        lengths (E,) in Å (`edge_lengths`; on-site rows unused)."""
-        dtype = standardized.dtype
+        """(E, n_uni, n_uni) scale of every entry (target units): σ_on on on-site edges,
+        σ_off(r) elsewhere, for edges with atomic numbers ``numbers_i``, ``numbers_j`` (E,),
+        on-site flags ``onsite`` (E,) and lengths (E,) in Å (on-site rows unused). Exactly
+        symmetric under swapping the two sides (an edge and its reverse)."""
         rows_i, rows_j = self.row_of_z[numbers_i], self.row_of_z[numbers_j]
         shell = self.shell_of_orbital
         r = lengths.to(dtype)[:, None]
@@ -147,15 +147,25 @@ class TargetStatistics(nn.Module):
         side_i = torch.exp(log_f[rows_i][:, shell] - log_k[rows_i][:, shell] * r - curvature)
         side_j = torch.exp(log_f[rows_j][:, shell] - log_k[rows_j][:, shell] * r - curvature)
         # one product per entry, F_i,a · F_j,b = F_j,b · F_i,a: exactly symmetric (hermitian)
-        out = standardized * (side_i[:, :, None] * side_j[:, None, :])
-        where = torch.nonzero(onsite).squeeze(1)
-        if where.numel():
-            rows = rows_i[where]
-            reference = self._orbital(self.onsite_reference, dtype) * self.orbital_eye
-            scale = self._orbital(self.onsite_scale, dtype)
-            values = reference[rows] + scale[rows] * standardized[where]
-            out = out.index_copy(0, where, values)
-        return out
+        offsite = side_i[:, :, None] * side_j[:, None, :]
+        onsite_scale = self._orbital(self.onsite_scale, dtype)[rows_i]
+        return torch.where(onsite[:, None, None], onsite_scale, offsite)
+
+    def forward(
+        self,
+        standardized: torch.Tensor,
+        numbers_i: torch.Tensor,
+        numbers_j: torch.Tensor,
+        onsite: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """Blocks in target units from standardized blocks (E, n_uni, n_uni): `scales` times
+        the blocks, plus the on-site reference c·I on on-site edges."""
+        dtype = standardized.dtype
+        out = standardized * self.scales(numbers_i, numbers_j, onsite, lengths, dtype)
+        reference = self._orbital(self.onsite_reference, dtype) * self.orbital_eye
+        rows = self.row_of_z[numbers_i]
+        return out + torch.where(onsite[:, None, None], reference[rows], torch.zeros_like(out))
 
     # ------------------------------------------------------------------ set / copy
     @torch.no_grad()

@@ -63,7 +63,12 @@ class HamiltonianModule(pl.LightningModule):
             built `UniversalHamiltonianModel` (subclasses that load pretrained weights).
         basis: orbital basis (``BasisSet.to_dict()``; the trainer passes the dataset's).
         targets: target name → loss weight (weight 0: monitored only). Each needs a head.
-        loss: ``mse`` | ``l1`` | ``huber`` (``huber_delta`` in eV).
+        loss: ``mse`` | ``l1`` | ``huber`` (``huber_delta`` in eV; in units of the scale when
+            ``normalize_loss``).
+        normalize_loss: divide each residual by its entry's scale from the head's target
+            statistics (σ_on, σ_off(r); `foundation.model.standardize`), so long edges, whose
+            blocks are 10³ smaller than nearest-neighbour ones but whose errors add up in the
+            bands, weigh as much as short ones. Metrics stay in target units.
         lr, weight_decay, betas, eps: AdamW.
         warmup_steps, min_lr_ratio: linear warmup then cosine to ``min_lr_ratio``·lr.
         grad_clip_norm: clip the global gradient norm (None: no clipping).
@@ -82,6 +87,7 @@ class HamiltonianModule(pl.LightningModule):
         targets: Mapping[str, float] | None = None,
         loss: str = "mse",
         huber_delta: float = 0.01,
+        normalize_loss: bool = False,
         lr: float = 3e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -162,12 +168,13 @@ class HamiltonianModule(pl.LightningModule):
         that still depends on the head's output, so the head is in every step's graph.
         Subclasses with other kinds of targets extend the dict (one entry per target)."""
         hp = self.hparams
-        terms = {
-            name: loss_sum(
-                pred[name], batch[name], target_mask(batch, name), hp.loss, hp.huber_delta
-            )
-            for name in self.targets
-        }
+        terms = {}
+        for name in self.targets:
+            p, t = pred[name], batch[name]
+            scales = self._entry_scales(name, batch)
+            if scales is not None:
+                p, t = p / scales.to(p.dtype), t / scales.to(t.dtype)
+            terms[name] = loss_sum(p, t, target_mask(batch, name), hp.loss, hp.huber_delta)
         if self.band_loss.enabled:
             cfg = self.band_loss
             kpts = sample_kpoints(batch, cfg.kpoints, cfg.seed, self.global_step)
@@ -189,6 +196,14 @@ class HamiltonianModule(pl.LightningModule):
         """Loss term → weight: ``self.targets`` plus the band term when it is on."""
         extra = {BANDS: self.band_loss.weight} if self.band_loss.enabled else {}
         return dict(self.targets) | extra
+
+    def _entry_scales(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Per-entry scales of target ``name`` when ``normalize_loss`` is on and its head has
+        statistics (`heads.BlockHead.entry_scales`), else None (loss in target units)."""
+        head = self.model.heads[name]
+        if not self.hparams.get("normalize_loss") or not hasattr(head, "entry_scales"):
+            return None
+        return head.entry_scales(batch)
 
     def step_losses(
         self, batch: dict[str, torch.Tensor]
