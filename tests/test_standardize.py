@@ -70,7 +70,7 @@ def test_reference_is_the_mean_onsite_level_and_scales_fit_the_blocks(basis, tra
     scales follow the RMS of each observed (Zi, a, Zj, b) group."""
     universal = basis.universal
     records = train_records[:30]
-    stats = fit_statistics(records, universal, [keys.H, keys.S])
+    stats = fit_statistics(records, universal, [keys.H, keys.S], length_dependent=True)
     h, s = stats[keys.H], stats[keys.S]
     assert int(h.n_structures) == 30
 
@@ -339,7 +339,7 @@ def test_normalized_loss_divides_each_residual_by_its_entry_scale(basis, train_r
         model=cfg, basis=basis.to_dict(), ema_decay=None, normalize_loss=True
     )
     for head, fitted in fit_statistics(
-        train_records[:20], basis.universal, [keys.H, keys.S]
+        train_records[:20], basis.universal, [keys.H, keys.S], length_dependent=True
     ).items():
         module.model.heads[head].statistics.load_state_dict(fitted.state_dict())
     batch = collate_graphs([record_to_graph(r, basis.universal) for r in train_records[:2]])

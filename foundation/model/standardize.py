@@ -268,9 +268,10 @@ class StatisticsAccumulator:
     once and fits `TargetStatistics` values (module notes). Float64 sums; the result depends
     only on the graphs and their order, so every rank fitting the same files agrees."""
 
-    def __init__(self, universal: UniversalBasis, target: str):
+    def __init__(self, universal: UniversalBasis, target: str, length_dependent: bool = True):
         self.universal = universal
         self.target = target
+        self.length_dependent = length_dependent
         self.elements = sorted(universal.basis.atomic_numbers)
         self.row_of_z = {z: k for k, z in enumerate(self.elements)}
         shells = np.asarray(universal.shells)
@@ -337,6 +338,11 @@ class StatisticsAccumulator:
         total_sq = self.sq_off.sum() + np.where(pair, residual, 0.0).sum()
         total_n = (counts * size).sum() + (self.n_on[:, None, None] * pair * size).sum()
         floor = FLOOR_RATIO * math.sqrt(total_sq / total_n)
+        if not self.length_dependent:  # one RMS per group over all lengths, no decay
+            counts = counts.sum(axis=2, keepdims=True)
+            rms_off = np.sqrt(
+                self.sq_off.sum(axis=2, keepdims=True) / np.maximum(counts, 1.0) / size
+            )
         log_factor, log_decay, curvature = self._fit_log_factors(
             np.log(np.maximum(rms_off, floor)), counts
         )
@@ -370,7 +376,8 @@ class StatisticsAccumulator:
         n_el, n_sh = self.has.shape
         groups = np.argwhere(counts > 0)  # (G, 5): row_i, row_j, bin, a, b
         weights = np.sqrt(counts[tuple(groups.T)])
-        r = (groups[:, 2] + 0.5) * BIN_A
+        # bin centres (Å); without length dependence one bin at r = 0: κ = q = 0 exactly
+        r = (groups[:, 2] + 0.5) * BIN_A if self.length_dependent else np.zeros(len(groups))
         observed = np.zeros((n_el, n_sh), dtype=bool)
         observed[groups[:, 0], groups[:, 3]] = True
         observed[groups[:, 1], groups[:, 4]] = True
@@ -419,13 +426,19 @@ def standardized_heads(model: nn.Module) -> dict[str, TargetStatistics]:
 
 
 def fit_statistics(
-    records: Iterable, universal: UniversalBasis, targets: Sequence[str]
+    records: Iterable,
+    universal: UniversalBasis,
+    targets: Sequence[str],
+    length_dependent: bool = False,
 ) -> dict[str, TargetStatistics]:
     """`TargetStatistics` of each of ``targets`` fitted in one pass over ``records``
-    (`HamiltonianRecord`s of a training split), padded in ``universal``."""
+    (`HamiltonianRecord`s of a training split), padded in ``universal``; without
+    ``length_dependent`` the off-site scales do not decay with r (κ = q = 0)."""
     from foundation.data.graph import record_to_graph
 
-    accumulators = {name: StatisticsAccumulator(universal, name) for name in targets}
+    accumulators = {
+        name: StatisticsAccumulator(universal, name, length_dependent) for name in targets
+    }
     for record in records:
         graph = record_to_graph(record, universal, list(targets), dtype=torch.float64)
         for acc in accumulators.values():
@@ -441,11 +454,14 @@ def fit_model_statistics(
     model: nn.Module, records: Iterable, targets: Sequence[str]
 ) -> dict[str, TargetStatistics]:
     """Fit the statistics of the model's heads named in ``targets`` (e.g. the dataset's h, s)
-    from ``records`` in one pass and set them in place on those heads; returns them by name."""
+    from ``records`` in one pass and set them in place on those heads; returns them by name.
+    Off-site scales decay with the edge length when the model config has
+    ``standardize_length: true``."""
     stats = {n: s for n, s in standardized_heads(model).items() if n in targets}
     if not stats:
         return {}
-    for name, fitted in fit_statistics(records, model.universal, list(stats)).items():
+    length = bool((getattr(model, "config", None) or {}).get("standardize_length", False))
+    for name, fitted in fit_statistics(records, model.universal, list(stats), length).items():
         stats[name].load_state_dict(fitted.state_dict())
     return stats
 
