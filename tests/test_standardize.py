@@ -313,7 +313,7 @@ def test_foundation_train_fits_statistics_on_the_train_split(tmp_path):
     assert torch.allclose(stats.offsite_log_factor, direct.offsite_log_factor, atol=1e-6)
     assert torch.allclose(stats.onsite_reference, direct.onsite_reference, atol=1e-6)
 
-    cfg = compose(overrides(data, tmp_path / "off", "+model.standardize=false"))
+    cfg = compose(overrides(data, tmp_path / "off", "model.standardize=false"))
     _, module, _ = build(cfg)
     assert not module.model.heads[keys.H].statistics.fitted
 

@@ -30,6 +30,8 @@ def test_fit_writes_config_checkpoint_and_inference_export(data, tmp_path):
     manifest = read_manifest(data)
     assert meta["elements"] == manifest["elements"] and meta["basis"] == manifest["basis"]
     assert meta["units"]["energy"] == "eV"
+    # last.ckpt is the latest state (step 8) even when the second epoch did not improve val MAE.
+    assert ckpt["global_step"] == 8
     assert meta["code_version"].startswith("0.1.0") and meta["ema"]["updates"] == 8
 
     payload = load_inference_checkpoint(tmp_path / "model.pt")  # torch.load(weights_only=True)

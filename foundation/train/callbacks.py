@@ -1,4 +1,5 @@
-"""Callbacks: prediction figures every N epochs and the inference export at the end of fit."""
+"""Callbacks: a checkpoint callback whose last.ckpt is always the latest state, prediction
+figures every N epochs and the inference export at the end of fit."""
 
 from __future__ import annotations
 
@@ -13,6 +14,30 @@ from foundation import keys
 from foundation.data.graph import collate_graphs, record_to_graph
 
 log = logging.getLogger(__name__)
+
+
+class LatestModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that ``last.ckpt`` is rewritten at every epoch end.
+
+    Since pytorch-lightning 2.6 the epoch-end save writes ``last.ckpt`` only when a top-k
+    checkpoint was written at the same step: once the monitored validation MAE stops improving,
+    ``last.ckpt`` would stay at the best epoch and a resumed run would silently repeat epochs.
+    Resuming from ``last.ckpt`` must continue where the run stopped, so it is refreshed here.
+    """
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
 
 
 class PredictionFigures(pl.Callback):
