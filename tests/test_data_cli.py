@@ -47,6 +47,10 @@ def test_convert_deeph_to_shards_and_inspect(tmp_path, records, capsys):
         assert f"  {split:<8}{len(v['shards']):>7}{v['n_samples']:>12}{v['n_edges']:>10}" in text
     assert "block entries" in text
     assert "sha256: all" in text
+    # random blocks in a basis PySCF cannot integrate: the overlap check stops, naming both
+    assert main(["inspect", str(out), "--no-statistics", "--check-overlap"]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot integrate the basis" in err and "--overlap model" in err
 
 
 def test_convert_deeptb_to_records_then_shard_then_export(tmp_path, records, capsys):
@@ -190,3 +194,6 @@ def test_generate_shard_inspect_end_to_end_with_pyscf(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "functional PBE" in text and "structures 1 · atoms 2" in text
     assert any(line.split()[:4] == ["Si", "14", "2", "1"] for line in text.splitlines())
+    # the generated S is the exact overlap of the basis (to float32 storage)
+    assert main(["inspect", str(tmp_path / "ds"), "--no-statistics", "--check-overlap"]) == 0
+    assert "overlap: 1 structures match the exact S" in capsys.readouterr().out

@@ -7,7 +7,7 @@ S) is compared with the model's as the relative error of the gauge-invariant |g|
 (`foundation.physics.eph_validation`: the *vertex* error, the model's ∂_ν H with DFT bands
 and ∂_ν S, which fine-tuning on dh trains; the *model* error, everything from the model as
 ``foundation-predict --eph`` computes it; and *model_exact_s*, the model's H with the
-exact overlap, as ``--overlap analytic`` computes it).
+exact overlap of the basis' tables, the default ``--overlap exact``).
 
 eph_mini has no held-out structure: this measures the fit, on the fine-tuning structures.
 """

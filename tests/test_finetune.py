@@ -199,8 +199,6 @@ def test_predict_cli_target_hse_compares_with_hse06(finetuned, tmp_path, capsys)
         "0.5",
         "--path-spacing",
         "0.1",
-        "--overlap",
-        "analytic",
     ]
     runs = {
         "finetuned": [str(export), str(structure), "--target", "hse", "--compare",

@@ -86,14 +86,15 @@ def test_lightning_checkpoint_loads_like_export(tmp_path, checkpoint):
 def test_predicted_record_and_deeph_round_trip(tmp_path, checkpoint):
     model = P.load_model(checkpoint)
     atoms = bulk("Si", cubic=True)
-    record, timings = P.predict_record(model, atoms, key="si8", overlap="analytic", progress=False)
+    record, timings = P.predict_record(model, atoms, key="si8", progress=False)
+    # default --overlap exact: the basis' tables equal PySCF's cell integrals
+    exact_err = np.abs(record.s - P.analytic_overlap(atoms, model.basis, record.edges)).max()
+    assert record.meta["overlap"] == "exact" and exact_err < 1e-12
     assert record.meta[keys.N_ELECTRONS] == 32  # GTH-PBE Si: 4 valence electrons
     record.validate()  # shapes + hermiticity of the model output
     # edge chunks give the same blocks as one chunk (float32 model: up to float32 rounding;
     # test_chunked_inference_equals_forward checks the chunking in float64)
-    small, _ = P.predict_record(
-        model, atoms, key="si8", overlap="analytic", edge_chunk=37, progress=False
-    )
+    small, _ = P.predict_record(model, atoms, key="si8", edge_chunk=37, progress=False)
     np.testing.assert_allclose(small.h, record.h, rtol=0, atol=1e-6 * np.abs(record.h).max())
     from foundation.data.formats.deeph import write_deeph
 
@@ -156,10 +157,21 @@ def test_chunked_inference_equals_forward():
         edge_slices(10, 0)
 
 
-def test_model_without_overlap_head_is_refused(checkpoint):
+def test_model_without_overlap_head_uses_the_exact_overlap(checkpoint):
+    """The S head is optional: the default exact overlap needs only the basis; asking for
+    the model's S is refused with the fix."""
     model = P.load_model(checkpoint)
     del model.heads[keys.S]
-    with pytest.raises(P.PredictError, match="no overlap head.*--overlap analytic"):
+    with pytest.raises(P.PredictError, match="no overlap head.*--overlap exact"):
+        P.predict_record(model, bulk("Si"), overlap="model", progress=False)
+    record, _ = P.predict_record(model, bulk("Si"), progress=False)
+    record.validate()
+
+
+def test_basis_that_cannot_be_integrated_names_the_fallback(checkpoint):
+    model = P.load_model(checkpoint)
+    model.basis = BasisSet(name="deeptb:custom", shells=dict(model.basis.shells))
+    with pytest.raises(P.PredictError, match="deeptb:custom.*--overlap model"):
         P.predict_record(model, bulk("Si"), progress=False)
 
 
@@ -172,11 +184,11 @@ def test_cli_writes_bands_dos_deeph_and_compares(tmp_path, checkpoint, si_file, 
     # the reference: the model's own prediction of the same structure, saved as a record
     model = P.load_model(checkpoint)
     atoms = P.read_structure(si_file)
-    ref, _ = P.predict_record(model, atoms, key="ref", overlap="analytic", progress=False)
+    ref, _ = P.predict_record(model, atoms, key="ref", progress=False)
     ref.save(tmp_path / "ref")
     out = tmp_path / "out"
     rc = P.main(
-        [str(checkpoint), str(si_file), "-o", str(out), "--overlap", "analytic",
+        [str(checkpoint), str(si_file), "-o", str(out),
          "--compare", str(tmp_path / "ref"), "--no-progress", "--kspacing", "0.5"]
     )  # fmt: skip
     assert rc == 0
@@ -190,7 +202,7 @@ def test_cli_writes_bands_dos_deeph_and_compares(tmp_path, checkpoint, si_file, 
 def test_cli_large_cell_path_uses_sparse_solver(tmp_path, checkpoint, si_file):
     out = tmp_path / "big"
     rc = P.main(
-        [str(checkpoint), str(si_file), "-o", str(out), "--overlap", "analytic",
+        [str(checkpoint), str(si_file), "-o", str(out),
          "--dense-max-orbitals", "4", "--n-eigs", "4", "--no-progress"]
     )  # fmt: skip
     assert rc == 0

@@ -6,7 +6,7 @@ Subcommands::
     foundation-data convert INPUT... --from deeph --to shards --out DIR --name NAME
     foundation-data shard RECORDS... --out data_shards/NAME --name NAME
                           [--test-compositions GaAs] [--test-elements Se]
-    foundation-data inspect data_shards/NAME [--verify]
+    foundation-data inspect data_shards/NAME [--verify] [--check-overlap]
 
 INPUT / RECORDS may name one folder or a directory searched recursively for folders of the
 given kind. Every error names the file and the fix and exits with status 2.
@@ -303,7 +303,33 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         verify_dataset(dataset)
         n = sum(len(v["shards"]) for v in read_manifest(dataset)["splits"].values())
         print(f"\n  sha256: all {n} shards match the manifest")
+    if args.check_overlap:
+        print("\n" + check_overlaps(dataset))
     return 0
+
+
+OVERLAP_TOLERANCE = 1e-6  # float32 storage rounds |S| ≤ 1 to ~3e-8
+
+
+def check_overlaps(dataset_dir: Path) -> str:
+    """Every record's stored S against the exact overlap of its basis
+    (`foundation.physics.overlap`); a mismatch names the structure and the likely cause."""
+    from foundation.physics.overlap import OverlapTables, record_overlap_error
+
+    tables = OverlapTables(BasisSet.from_dict(read_manifest(dataset_dir)["basis"]))
+    worst, worst_key, n = 0.0, "", 0
+    for record in iter_records(dataset_dir):
+        err = record_overlap_error(tables, record)
+        n += 1
+        if err > OVERLAP_TOLERANCE:
+            raise CLIError(
+                f"{dataset_dir}: structure {record.key}: stored S differs from the exact overlap "
+                f"of basis {tables.basis.name!r} by {err:.3g}: the blocks were computed in "
+                "another basis, orbital order or geometry than the record says."
+            )
+        if err >= worst:
+            worst, worst_key = err, record.key
+    return f"  overlap: {n} structures match the exact S of their basis (max |ΔS| {worst:.1e}, {worst_key})"
 
 
 # ------------------------------------------------------------------------------ parser
@@ -353,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-statistics",
         action="store_true",
         help="skip the per-species target statistics (a pass over the train split)",
+    )
+    p.add_argument(
+        "--check-overlap",
+        action="store_true",
+        help="compare every stored S with the exact overlap of the basis (PySCF bases)",
     )
     p.set_defaults(func=cmd_inspect)
     return parser

@@ -24,10 +24,14 @@ from foundation.physics.kspace import BlochHamiltonian
 from foundation.physics.predict import padded_to_flat
 
 
-def with_h(record: HamiltonianRecord, h: np.ndarray) -> HamiltonianRecord:
-    """The record with predicted H blocks ``h`` (flat, eV, energy zero 0) and no extras."""
+def with_h(
+    record: HamiltonianRecord, h: np.ndarray, s: np.ndarray | None = None
+) -> HamiltonianRecord:
+    """The record with predicted H blocks ``h`` (flat, eV, energy zero 0), no extras, and
+    predicted S blocks ``s`` when given (else the record's DFT S)."""
     meta = record.meta | {keys.ENERGY_ZERO: 0.0}
-    return dataclasses.replace(record, h=np.asarray(h, dtype=np.float64), extras={}, meta=meta)
+    s = record.s if s is None else np.asarray(s, dtype=np.float64)
+    return dataclasses.replace(record, h=np.asarray(h, dtype=np.float64), s=s, extras={}, meta=meta)
 
 
 @torch.no_grad()
@@ -52,16 +56,17 @@ def record_band_errors(
     *,
     window_eV: float = 3.0,
     mesh_spacing: float = 0.3,
+    predicted_s: np.ndarray | None = None,
 ) -> dict:
     """Band errors (meV) within ±window_eV of E_F, gaps (eV) and metal flags of the predicted H
     (flat blocks on the record's edges, any energy zero) against the record's DFT H, both with
-    the record's DFT S."""
+    the record's DFT S (exact), or the prediction with ``predicted_s`` (a learned S head)."""
     dft = BlochHamiltonian.from_record(record)
     path = kpath(dft.atoms).kpts
     mesh = kmesh(record.cell, record.pbc, mesh_spacing)
     ref, ref_fermi = _spectrum(dft, path, mesh)
     pred, pred_fermi = _spectrum(
-        BlochHamiltonian.from_record(with_h(record, predicted_h)), path, mesh
+        BlochHamiltonian.from_record(with_h(record, predicted_h, predicted_s)), path, mesh
     )
     errors = band_errors(pred, ref, pred_fermi.fermi_level_eV, ref_fermi.fermi_level_eV, window_eV)
     return errors | {

@@ -13,12 +13,13 @@ all bands:
 * **model** — everything from the model (its H and S heads for the bands, ∂_ν H and ∂_ν S
   by autograd on its own edges): what ``foundation-predict --eph`` computes;
 * **model_exact_s** — the model's H and ∂_ν H with the exact overlap S and ∂_ν S of the basis
-  (PySCF integrals): what ``foundation-predict --eph --overlap analytic`` computes.
+  (two-center tables, `foundation.physics.overlap`): what ``foundation-predict --eph``
+  computes by default (``--overlap exact``).
 
 Measured on the shipped tiny models: the S head is the weak part (relative S error
 ~10 %, its position derivative ~50 %), and the generalized eigenproblem amplifies S errors
-into band errors of ~1 eV, so **model** is far worse than **model_exact_s**; for e-ph with a
-small model, use ``--overlap analytic``.
+into band errors of ~1 eV, so **model** is far worse than **model_exact_s**; hence the
+exact overlap is the default of ``foundation-predict``.
 
 Used by ``tests/test_eph_shipped.py`` and ``scripts/bench_finetune.py``, so the test and the
 benchmark report the same numbers. Units: Å, eV (g), THz (phonons).
@@ -89,7 +90,7 @@ def coupling_errors(model, case: EphCase, head: str = keys.H) -> dict[str, float
         record_couplings,
     )
     from foundation.physics.kspace import BlochHamiltonian
-    from foundation.physics.predict import analytic_overlap, predict_eph, predict_record
+    from foundation.physics.predict import predict_eph, predict_record, table_overlap
 
     record = case.record
     u = case.phonons.zero_point_patterns()
@@ -101,11 +102,13 @@ def coupling_errors(model, case: EphCase, head: str = keys.H) -> dict[str, float
     bloch = BlochHamiltonian(record.numbers, record.basis, record.edges, record.h, record.s)
     vertex = mode_couplings(bloch, dh, ds, case.kpoints_frac).degenerate_abs()
     errors = {"vertex": _relative(vertex, dft)}
-    predicted, _ = predict_record(model, case.atoms, key=record.key, target=head, progress=False)
-    exact_s = analytic_overlap(case.atoms, model.basis, predicted.edges)  # same H, exact S
+    predicted, _ = predict_record(
+        model, case.atoms, key=record.key, target=head, overlap="model", progress=False
+    )
+    exact_s = table_overlap(model, case.atoms, predicted.edges)  # same H, exact S
     for name, overlap, rec in (
         ("model", "model", predicted),
-        ("model_exact_s", "analytic", dataclasses.replace(predicted, s=exact_s)),
+        ("model_exact_s", "exact", dataclasses.replace(predicted, s=exact_s)),
     ):
         full, _ = predict_eph(
             model, rec, case.phonons, case.kpoints_frac, head=head, overlap=overlap

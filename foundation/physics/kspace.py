@@ -49,7 +49,7 @@ def overlap_error(where: str, k: np.ndarray, s_min: float, source: str = "") -> 
         "Likely causes: the edge cutoff truncates overlap blocks that are not yet small "
         "(use the cutoff the data were generated with, or a larger one); blocks in a different "
         "basis or orbital order than `numbers`/basis say (inconsistent basis); or a predicted S "
-        "that is not accurate enough (use the analytic overlap instead)."
+        "that is not accurate enough (use the exact overlap, foundation-predict --overlap exact)."
     )
 
 

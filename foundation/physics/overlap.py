@@ -39,11 +39,12 @@ from foundation.rotations import to_e3nn_frame
 
 log = logging.getLogger(__name__)
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 SPLINE_ORDER = 5
 DEFAULT_STEP_A = 0.01
 MIN_RMAX_A = 10.0  # tables reach at least this far (whole Å above the longest edge)
 OFF_DIAGONAL_TOL = 1e-12  # |S| allowed between different m in the bond frame
+NEGLIGIBLE = 1e-15  # tables end where every |S| entry stays below this (S = 0 beyond)
 
 
 class OverlapError(ValueError):
@@ -68,6 +69,15 @@ def _pyscf_shells(basis_name: str, symbol: str) -> list:
             f"radial functions ({exc}). Data read from DeePTB/ABACUS folders carry numerical "
             "orbitals we do not have; use the learned S head instead (--overlap model)."
         ) from None
+
+
+def can_integrate(basis: BasisSet) -> bool:
+    """Whether PySCF knows ``basis`` by name with the registry's shells for every element:
+    then S is computed exactly here and need not be learned."""
+    try:
+        return BasisSet.from_pyscf(basis.name, basis.elements).shells == basis.shells
+    except (ValueError, RuntimeError):
+        return False
 
 
 def _molecule(basis_name: str, symbol: str, z_A: np.ndarray):
@@ -115,7 +125,8 @@ class PairTable:
     P entries (``rows``, ``cols``) with equal m, on r = 0, step, … ≤ r_max (Å).
 
     ``coefficients`` (intervals, order + 1, P): polynomial in t = r − r_k, highest power
-    first. ``max_error``: largest |spline − PySCF| at the interval midpoints.
+    first, up to the last grid point where some |S| exceeds `NEGLIGIBLE` (zero beyond, up to
+    r_max). ``max_error``: largest |spline − PySCF| at the interval midpoints.
     """
 
     a: str
@@ -139,6 +150,7 @@ class PairTable:
         values = c[:, 0]
         for p in range(1, c.shape[1]):
             values = values * t + c[:, p]
+        values = values * (r.detach() < coef.shape[0] * self.step_A).unsqueeze(-1).to(r.dtype)
         place = torch.zeros((len(self.rows), self.n_a * self.n_b), dtype=r.dtype, device=r.device)
         place[torch.arange(len(self.rows)), torch.as_tensor(self.rows * self.n_b + self.cols)] = 1.0
         return (values @ place).reshape(len(r), self.n_a, self.n_b)
@@ -188,6 +200,8 @@ def build_pair_table(
         ],
         axis=1,
     )
+    significant = np.nonzero(np.abs(blocks[:, rows, cols]).max(axis=1) > NEGLIGIBLE)[0]
+    n_keep = min(len(r) - 1, int(significant.max(initial=0)) + 2)
     return PairTable(
         a=a,
         b=b,
@@ -197,7 +211,7 @@ def build_pair_table(
         r_max_A=float(r[-1]),
         rows=rows,
         cols=cols,
-        coefficients=coefficients,
+        coefficients=np.ascontiguousarray(coefficients[:n_keep]),
         max_error=error,
         build_seconds=time.perf_counter() - t0,
     )

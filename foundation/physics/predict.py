@@ -1,6 +1,6 @@
 """`foundation-predict`: checkpoint + any ASE-readable structure → H(R), S(R), bands, DOS.
 
-    foundation-predict model.pt POSCAR -o out/ [--compare dft_folder/] [--overlap analytic]
+    foundation-predict model.pt POSCAR -o out/ [--compare dft_folder/] [--overlap exact|model|analytic]
     foundation-predict model.pt POSCAR -o out/ --eph phonopy_params.yaml [--eph-k 0 0 0 ...]
     foundation-predict finetuned.pt POSCAR -o out/ --target hse      # the HSE06 head
 
@@ -17,18 +17,20 @@ Decisions:
 
 * **Target** (``--target``): which Hamiltonian head gives H — ``h`` (default: the
   pretraining functional, PBE for the shipped models), ``hse`` (= ``h_hse``, the head
-  ``task=finetune_hybrid`` adds) or any other head name of the checkpoint; the overlap
-  always comes from the ``s`` head (or ``--overlap analytic``). A checkpoint without that
-  head stops with its list of heads and how to make one. ``--compare`` against a saved
+  ``task=finetune_hybrid`` adds) or any other head name of the checkpoint (the overlap is
+  chosen by ``--overlap``). A checkpoint without that head stops with its list of heads and
+  how to make one. ``--compare`` against a saved
   record that holds the same target as an extra (a ``hse_mini`` record) compares with that
   target; a DeepH folder is compared as it is (give the folder of the same functional).
 * **Checkpoints**: the exported inference checkpoint (``foundation.inference/1``) or a
   Lightning checkpoint of `foundation-train` (its ``"foundation"`` metadata rebuilds the
   model; ``model.``-prefixed weights); both loaded with ``torch.load(weights_only=True)``.
-* **Overlap**: ``--overlap model`` (default) uses the model's S head; a model without one is
-  refused with a message, unless ``--overlap analytic``, which computes the exact S(R)
-  blocks with PySCF for the model's basis (cheap one-electron integrals, no SCF; dense per
-  lattice translation, so meant for cells up to a few hundred atoms).
+* **Overlap**: ``--overlap exact`` (default) computes S(R) from the basis' two-center
+  tables (`foundation.physics.overlap`: exact to ~1e-14, O(N), cached per basis); a basis
+  PySCF cannot integrate (data read from DeePTB/ABACUS folders) stops with a message naming
+  the fallback, ``--overlap model``: the model's S head (refused for a model without one).
+  ``--overlap analytic`` computes the same exact blocks with PySCF's cell integrals (dense
+  per lattice translation: the reference, meant for cells up to a few hundred atoms).
 * **Energy zero**: the model predicts H − μS (DESIGN.md §3), so predicted absolute energies
   carry an unknown constant; the Fermi level comes from the electron count (valence
   electrons of the GTH pseudopotential ``--pseudo``, or ``--n-electrons``), and plots and
@@ -39,7 +41,8 @@ Decisions:
   params YAML with force constants or a FORCE_CONSTANTS file of the cell itself
   (`foundation.physics.phonons`); for every optical mode ν the zero-point displacement
   u_ν, the model's ∂_ν H = Σ u·dH/du by forward-mode autograd on the predicted edges (and
-  ∂_ν S from the S head, or exact PySCF overlaps with ``--overlap analytic``), and
+  ∂_ν S of the exact tables by forward-mode autograd, of the S head with ``--overlap
+  model``, or PySCF finite differences with ``--overlap analytic``), and
   g_mnν(k, q = 0) = c_m†[∂_ν H − ε_n ∂_ν S]c_n at the ``--eph-k`` points (default Γ),
   written to ``eph.npz`` (g in meV, complex (K, M, B, B); the gauge-invariant |g| with
   degenerate states averaged; band energies in eV; frequencies in THz) and summarised in
@@ -225,7 +228,7 @@ def predict_record(
     *,
     key: str = "structure",
     target: str = keys.H,
-    overlap: str = "model",
+    overlap: str = "exact",
     edge_chunk: int = EDGE_CHUNK,
     pseudo: str = "gth-pbe",
     n_electrons: float | None = None,
@@ -256,7 +259,7 @@ def predict_record(
     if overlap == "model" and keys.S not in model.heads:
         raise PredictError(
             f"the model has no overlap head (heads: {list(model.heads)}); rerun with "
-            "--overlap analytic to compute the exact S(R) of its basis with PySCF."
+            "--overlap exact to compute the exact S(R) of its basis."
         )
     # structure_to_graph builds its edges with neighbor_edges at the model's cutoff.
     graph = structure_to_graph(
@@ -295,6 +298,8 @@ def predict_record(
     t2 = time.perf_counter()
     if overlap == "analytic":
         flat[keys.S] = analytic_overlap(atoms, model.basis, edges)
+    elif overlap == "exact":
+        flat[keys.S] = table_overlap(model, atoms, edges)
     timings["blocks_s"] = blocks_s + time.perf_counter() - t2
     n_el = valence_electrons(numbers, pseudo) if n_electrons is None else float(n_electrons)
     record = HamiltonianRecord(
@@ -327,13 +332,14 @@ def predict_eph(
     kpoints_frac: np.ndarray,
     *,
     head: str = keys.H,
-    overlap: str = "model",
+    overlap: str = "exact",
     chunk_size: int | None = None,
 ):
     """(Couplings (g in eV), zero-point displacements (M, N, 3) Å) of the optical Γ modes of
     ``phonons`` (`GammaPhonons` of this cell) for the model's ``head`` on ``record``'s edges
-    (a `predict_record` result). ``overlap``: ``model`` (∂S from the S head) or ``analytic``
-    (PySCF exact overlaps). ``chunk_size``: modes per vectorised jvp (memory)."""
+    (a `predict_record` result). ``overlap``: ``exact`` (∂S of the basis' overlap tables),
+    ``model`` (∂S from the S head) or ``analytic`` (PySCF finite differences).
+    ``chunk_size``: modes per vectorised jvp (memory)."""
     import ase
 
     from foundation.data.graph import record_to_graph
@@ -360,6 +366,13 @@ def predict_eph(
             numbers=record.numbers, positions=record.positions, cell=record.cell, pbc=True
         )
         flat[keys.S] = overlap_derivatives(atoms, record.edges, patterns, basis=model.basis.name)
+    elif overlap == "exact":
+        from foundation.physics.overlap import exact_overlap_derivative
+
+        flat[keys.S] = exact_overlap_derivative(
+            _tables(model, record.edge_vectors()), _symbols(record.numbers), record.positions,
+            record.cell, record.edges, patterns,
+        )  # fmt: skip
     bloch = BlochHamiltonian.from_record(record)
     return mode_couplings(bloch, flat[head], flat[keys.S], kpoints_frac), patterns
 
@@ -415,6 +428,38 @@ def write_eph(args: argparse.Namespace, model, atoms, record: HamiltonianRecord,
     return summary
 
 
+def _symbols(numbers: np.ndarray) -> list[str]:
+    from ase.data import chemical_symbols
+
+    return [chemical_symbols[int(z)] for z in numbers]
+
+
+def _tables(model, vectors: np.ndarray):
+    """The model basis' overlap tables, long enough for ``vectors`` (E, 3) Å."""
+    from foundation.physics.overlap import OverlapError, OverlapTables
+
+    reach = float(np.linalg.norm(vectors, axis=1).max(initial=0.0))
+    tables = OverlapTables(model.basis, r_max_A=max(reach, float(model.cutoff_A)))
+    try:  # fail early, naming the basis, if PySCF cannot integrate it
+        first = model.basis.elements[0]
+        tables.pair(first, first)
+    except OverlapError as exc:
+        raise PredictError(str(exc)) from None
+    return tables
+
+
+def table_overlap(model, atoms, edges: np.ndarray) -> np.ndarray:
+    """Exact S(R) blocks (flat record layout) from the basis' two-center tables: O(N)."""
+    from foundation.physics.overlap import OverlapError, edge_displacements, exact_overlap
+
+    positions, cell = atoms.positions, atoms.cell.array
+    tables = _tables(model, edge_displacements(positions, cell, edges))
+    try:
+        return exact_overlap(tables, _symbols(atoms.numbers), positions, cell, edges)
+    except OverlapError as exc:
+        raise PredictError(str(exc)) from None
+
+
 def analytic_overlap(
     atoms, basis: BasisSet, edges: np.ndarray, max_orbitals: int = 6000
 ) -> np.ndarray:
@@ -425,7 +470,7 @@ def analytic_overlap(
     if n_orb.sum() > max_orbitals:
         raise PredictError(
             f"--overlap analytic computes S per lattice translation densely ({n_orb.sum()} "
-            f"orbitals > {max_orbitals}); use a model with an overlap head for this cell."
+            f"orbitals > {max_orbitals}); use --overlap exact (the basis' tables, O(N))."
         )
     cell = build_cell(atoms, basis=basis.name)
     shifts, inverse = np.unique(edges[:, 2:5], axis=0, return_inverse=True)
@@ -493,7 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hamiltonian head: h (default, the pretraining functional), hse (= h_hse, "
         "added by task=finetune_hybrid) or another head name of the checkpoint",
     )
-    p.add_argument("--overlap", choices=["model", "analytic"], default="model")
+    p.add_argument(
+        "--overlap",
+        choices=["exact", "model", "analytic"],
+        default="exact",
+        help="S(R) from the basis' two-center tables (exact, default), the model's S head, or "
+        "PySCF's cell integrals (analytic: dense, small cells)",
+    )
     p.add_argument("--compare", default=None, help="DFT folder (DeepH or saved record) to compare")
     p.add_argument("--pseudo", default="gth-pbe", help="GTH family for the electron count")
     p.add_argument("--n-electrons", type=float, default=None)
@@ -635,7 +686,8 @@ def _run(args: argparse.Namespace) -> int:
             if args.compare:
                 summary["compare"] = "skipped: cell above --dense-max-orbitals"
     except OverlapError as exc:
-        raise PredictError(f"{exc} (predicted S; try --overlap analytic)") from None
+        hint = " (predicted S; try --overlap exact)" if args.overlap == "model" else ""
+        raise PredictError(f"{exc}{hint}") from None
     timings["physics_s"] = time.perf_counter() - t1
     if eph is not None:
         summary["eph"] = eph
