@@ -196,3 +196,26 @@ def test_multirun_sweep_runs_each_job_in_its_own_directory(data, tmp_path):
         assert (sweep / job / ".hydra" / "overrides.yaml").read_text().count(f"task.lr={lr}") == 1
         val_mae = next(r["val/mae_meV"] for r in reversed(rows) if "val/mae_meV" in r)
         assert f"val H MAE {val_mae:.2f} meV" in (sweep / job / "cli.log").read_text()
+
+
+def test_overlap_head_is_trained_only_where_the_basis_cannot_be_integrated(data, tmp_path):
+    """model.overlap_head=auto (the presets): no S head for the PySCF basis of the shipped
+    shards (S is exact at inference), an S head for synthetic data in a basis PySCF does not
+    know, and for the band-space loss (it needs the DFT S in the batch)."""
+    from train_support import make_dataset
+
+    from foundation.train.cli import build
+
+    _, module, _ = build(cfg := compose(overrides(data, tmp_path / "pyscf")))
+    assert list(module.model.heads) == [keys.H] and list(module.targets) == [keys.H]
+    assert cfg.model.overlap_head is False  # the saved run config says what ran
+
+    synthetic = make_dataset(tmp_path / "synthetic")
+    _, module, _ = build(cfg := compose(overrides(synthetic, tmp_path / "syn")))
+    assert keys.S in module.model.heads and keys.S in module.targets
+    assert cfg.model.overlap_head is True
+
+    _, module, _ = build(compose(overrides(data, tmp_path / "band", "task.band_loss.weight=0.01")))
+    assert keys.S in module.targets
+    with pytest.raises(ConfigError, match="overlap_head"):
+        build(compose(overrides(data, tmp_path / "bad", "model.overlap_head=maybe")))

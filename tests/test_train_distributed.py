@@ -24,6 +24,7 @@ RUN = [
     "task.lr=1e-2",
     "task.ema_decay=null",
     "callbacks.figures=null",
+    "model.overlap_head=true",  # H and S losses, as these runs were measured with
 ]
 
 

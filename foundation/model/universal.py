@@ -185,6 +185,7 @@ DEFAULTS: dict[str, Any] = {
     "lora": None,
     "standardize": True,
     "standardize_length": False,
+    "overlap_head": "auto",
 }
 """Every key a model config may hold (plus ``_target_`` and ``basis``), with defaults.
 ``heads``: name → ``{type, base, …}`` (`head_keys`); ``lora``: null or ``{rank: r}``
@@ -193,7 +194,10 @@ target statistics (`foundation.model.standardize`) on the training split before 
 model trains (false: identity statistics, heads predict target units directly);
 ``standardize_length``: off-site scales also decay with the edge length (measured on
 pbe_mini at 600 steps: worse block MAE, e.g. 9.75 vs 7.34 meV val, so off by default; it is
-what ``task.normalize_loss`` needs to weigh long edges)."""
+what ``task.normalize_loss`` needs to weigh long edges); ``overlap_head`` (read by
+foundation-train for pretraining, `foundation.train.config.resolve_overlap_head`): ``auto``
+trains the ``s`` head only for a basis whose overlap cannot be computed exactly, ``true`` /
+``false`` keep / drop it."""
 
 _IGNORED = {"_target_", "basis"}
 

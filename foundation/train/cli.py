@@ -116,8 +116,9 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     from hydra.utils import instantiate
     from pytorch_lightning.strategies import DeepSpeedStrategy
 
+    from foundation.basis import BasisSet
     from foundation.train.checkpoint import AtomicCheckpointIO, plain
-    from foundation.train.config import ConfigError, validate_config
+    from foundation.train.config import ConfigError, resolve_overlap_head, validate_config
 
     validate_config(cfg)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).exists():
@@ -128,8 +129,11 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
+    given = cfg.model.get("basis")
+    basis = plain(given) if given else datamodule.basis.to_dict()
+    log.info(resolve_overlap_head(cfg, BasisSet.from_dict(basis)))
     model_cfg = plain(cfg.model)
-    basis = model_cfg.pop("basis", None) or datamodule.basis.to_dict()
+    model_cfg.pop("basis", None)
     module = instantiate(
         cfg.task,
         model=model_cfg,

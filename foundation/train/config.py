@@ -164,3 +164,50 @@ def validate_config(cfg: DictConfig) -> None:
             "strategy ZeRO-3 partitions the parameters, which the EMA needs whole on every rank: "
             "set task.ema_decay=null (or use strategy=deepspeed_stage_2)."
         )
+
+
+PRETRAIN_TASK = "foundation.train.module.HamiltonianModule"
+
+
+def resolve_overlap_head(cfg: DictConfig, basis: Any) -> str:
+    """Apply ``model.overlap_head`` to a pretraining config (in place) and say why.
+
+    ``auto`` (the presets): drop the ``s`` head and the ``s`` loss target when the dataset's
+    basis can be integrated exactly (`foundation.physics.overlap.can_integrate`: inference
+    then takes S from the basis' tables), keep them otherwise (data read from DeePTB/ABACUS
+    folders) or when ``task.band_loss`` needs the DFT S in the batch. ``true`` / ``false``
+    keep / drop them. The decision is written back as a boolean, so the run config saved in
+    checkpoints says what ran. Fine-tuning tasks take their heads from the checkpoint and
+    are left alone.
+    """
+    from omegaconf import open_dict
+
+    from foundation import keys
+    from foundation.physics.overlap import can_integrate
+
+    mode = cfg.model.get("overlap_head", "auto")
+    if mode not in ("auto", True, False):
+        raise ConfigError(f"model.overlap_head={mode!r}: use auto, true or false.")
+    if cfg.task.get("_target_") != PRETRAIN_TASK:
+        return "fine-tuning: heads from the checkpoint"
+    band_loss = (cfg.task.get("band_loss") or {}).get("weight", 0.0)
+    if mode == "auto":
+        if band_loss:
+            keep, why = True, "task.band_loss needs the DFT S in each batch"
+        elif can_integrate(basis):
+            keep, why = False, f"basis {basis.name!r} is integrated exactly at inference"
+        else:
+            keep, why = True, f"basis {basis.name!r} cannot be integrated here"
+    else:
+        keep, why = bool(mode), f"model.overlap_head={str(mode).lower()}"
+    if keep and keys.S not in (cfg.model.get("heads") or {}):
+        raise ConfigError(
+            f"model.overlap_head keeps the S head ({why}) but model.heads has no 's'; add "
+            "model.heads.s='{type: block, scale: 1.0}' and task.targets.s=1.0."
+        )
+    with open_dict(cfg):
+        cfg.model.overlap_head = keep
+        if not keep:
+            cfg.model.heads.pop(keys.S, None)
+            cfg.task.targets.pop(keys.S, None)
+    return f"S head {'trained' if keep else 'not trained'}: {why}"
