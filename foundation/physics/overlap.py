@@ -39,7 +39,7 @@ from foundation.rotations import to_e3nn_frame
 
 log = logging.getLogger(__name__)
 
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 SPLINE_ORDER = 5
 DEFAULT_STEP_A = 0.01
 MIN_RMAX_A = 10.0  # tables reach at least this far (whole Å above the longest edge)
@@ -124,7 +124,8 @@ class PairTable:
     """Bond-frame overlap of element ``a`` (origin) with ``b`` (on +z): quintic splines of the
     P entries (``rows``, ``cols``) with equal m, on r = 0, step, … ≤ r_max (Å).
 
-    ``coefficients`` (intervals, order + 1, P): polynomial in t = r − r_k, highest power
+    ``values`` (grid points, P): the PySCF integrals the spline interpolates (what the cache
+    stores); ``coefficients`` (intervals, order + 1, P): polynomial in t = r − r_k, highest power
     first, up to the last grid point where some |S| exceeds `NEGLIGIBLE` (zero beyond, up to
     r_max). ``max_error``: largest |spline − PySCF| at the interval midpoints.
     """
@@ -137,6 +138,7 @@ class PairTable:
     r_max_A: float
     rows: np.ndarray
     cols: np.ndarray
+    values: np.ndarray
     coefficients: np.ndarray
     max_error: float
     build_seconds: float
@@ -169,6 +171,30 @@ def _content_hash(basis: BasisSet, a: str, b: str, step_A: float, r_max_A: float
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _spline_coefficients(step_A: float, values: np.ndarray) -> np.ndarray:
+    """(intervals, order + 1, P) Taylor coefficients at each left grid point of the quintic
+    spline through ``values`` (grid r_k = k·step): its derivatives there (the highest one,
+    piecewise constant, at the interval midpoint), highest power first; intervals end after
+    the last grid point where some |S| exceeds `NEGLIGIBLE`."""
+    from scipy.interpolate import make_interp_spline
+
+    r = np.arange(len(values)) * step_A
+    spline = make_interp_spline(r, values, k=SPLINE_ORDER, axis=0)
+    significant = np.nonzero(np.abs(values).max(axis=1) > NEGLIGIBLE)[0]
+    n_keep = min(len(r) - 1, int(significant.max(initial=0)) + 2)
+    left = r[:n_keep]
+    return np.ascontiguousarray(
+        np.stack(
+            [
+                spline(left + 0.5 * step_A if nu == SPLINE_ORDER else left, nu=nu)
+                / math.factorial(nu)
+                for nu in range(SPLINE_ORDER, -1, -1)
+            ],
+            axis=1,
+        )
+    )
+
+
 def build_pair_table(
     basis: BasisSet, a: str, b: str, r_max_A: float, step_A: float = DEFAULT_STEP_A
 ) -> PairTable:
@@ -188,20 +214,10 @@ def build_pair_table(
             "PySCF → package orbital convention is broken."
         )
     rows, cols = np.nonzero(same_m)
-    spline = make_interp_spline(r, blocks[:, rows, cols], k=SPLINE_ORDER, axis=0)
+    values = np.ascontiguousarray(blocks[:, rows, cols])
+    spline = make_interp_spline(r, values, k=SPLINE_ORDER, axis=0)
     mid = r[:-1] + 0.5 * step_A
     error = float(np.abs(spline(mid) - _bond_frame_blocks(basis, a, b, mid)[:, rows, cols]).max())
-    # Taylor coefficients at each left grid point: the spline's derivatives there (the
-    # highest one, piecewise constant, at the interval midpoint), highest power first.
-    coefficients = np.stack(
-        [
-            spline(mid if nu == SPLINE_ORDER else r[:-1], nu=nu) / math.factorial(nu)
-            for nu in range(SPLINE_ORDER, -1, -1)
-        ],
-        axis=1,
-    )
-    significant = np.nonzero(np.abs(blocks[:, rows, cols]).max(axis=1) > NEGLIGIBLE)[0]
-    n_keep = min(len(r) - 1, int(significant.max(initial=0)) + 2)
     return PairTable(
         a=a,
         b=b,
@@ -211,7 +227,8 @@ def build_pair_table(
         r_max_A=float(r[-1]),
         rows=rows,
         cols=cols,
-        coefficients=np.ascontiguousarray(coefficients[:n_keep]),
+        values=values,
+        coefficients=_spline_coefficients(step_A, values),
         max_error=error,
         build_seconds=time.perf_counter() - t0,
     )
@@ -231,7 +248,7 @@ def _save(table: PairTable, npz: Path, meta: dict) -> None:
 
     def write_npz(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, rows=table.rows, cols=table.cols, coefficients=table.coefficients)
+            np.savez(fh, rows=table.rows, cols=table.cols, values=table.values)
 
     _atomic_write(npz, write_npz)
     _atomic_write(npz.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
@@ -247,11 +264,12 @@ def _load(npz: Path, digest: str) -> PairTable | None:
         if meta.get("hash") != digest:
             return None
         with np.load(npz, allow_pickle=False) as f:
-            rows, cols, coefficients = f["rows"], f["cols"], f["coefficients"]
+            rows, cols, values = f["rows"], f["cols"], f["values"]
+        step = float(meta["step_A"])
         return PairTable(
             a=meta["a"], b=meta["b"], n_a=int(meta["n_a"]), n_b=int(meta["n_b"]),
-            step_A=float(meta["step_A"]), r_max_A=float(meta["r_max_A"]), rows=rows,
-            cols=cols, coefficients=coefficients, max_error=float(meta["max_error"]),
+            step_A=step, r_max_A=float(meta["r_max_A"]), rows=rows, cols=cols, values=values,
+            coefficients=_spline_coefficients(step, values), max_error=float(meta["max_error"]),
             build_seconds=float(meta["build_seconds"]),
         )  # fmt: skip
     except (OSError, ValueError, KeyError) as exc:
