@@ -25,8 +25,8 @@ record's band k-points from the pretrained model and from the shipped e-ph fine-
 (``pretrained/tiny_pbe_eph_mini.pt``, ``experiment=finetune_eph_demo``) against the DFT
 finite-difference dh/ds, as the relative error of the gauge-invariant |g|
 (`foundation.physics.eph_validation`: "vertex" = the model's ∂H with DFT bands and ∂S,
-"model" = everything from the model, "model_exact_s" = the model's H with the exact PySCF
-overlap). eph_mini has no held-out cell: a fit, not a
+"model" = everything from the model, "model_exact_s" = the model's H with the exact overlap of
+the basis). eph_mini has no held-out cell: a fit, not a
 generalisation measurement.
 
     python scripts/bench_finetune.py                        # prints a table, writes JSON
@@ -38,7 +38,6 @@ JSON: ``bench_results/bench_finetune.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -55,7 +54,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from foundation import keys  # noqa: E402
-from foundation.data.graph import collate_graphs, record_to_graph  # noqa: E402
 from foundation.data.record import HamiltonianRecord  # noqa: E402
 from foundation.data.shards import (  # noqa: E402
     element_symbols,
@@ -64,32 +62,19 @@ from foundation.data.shards import (  # noqa: E402
     read_manifest,
     write_shards,
 )
+from foundation.physics.band_validation import model_blocks, with_h  # noqa: E402
 from foundation.physics.bands import band_gap  # noqa: E402
 from foundation.physics.eph_validation import coupling_errors, load_cases  # noqa: E402
 from foundation.physics.kspace import BlochHamiltonian  # noqa: E402
-from foundation.physics.predict import load_model, padded_to_flat  # noqa: E402
+from foundation.physics.predict import load_model  # noqa: E402
 
 MESH = (6, 6, 6)
 
 
 # --------------------------------------------------------------------------- gaps
-def with_h(record: HamiltonianRecord, h: np.ndarray) -> HamiltonianRecord:
-    """The record with predicted H blocks ``h`` (flat, eV, energy zero 0) and no extras."""
-    meta = record.meta | {keys.ENERGY_ZERO: 0.0}
-    return dataclasses.replace(record, h=np.asarray(h, dtype=np.float64), extras={}, meta=meta)
-
-
 def gap_eV(record: HamiltonianRecord) -> float:
     kpts = np.asarray(record.meta["dft_bands"]["kpts_frac"])
     return band_gap(BlochHamiltonian.from_record(record), mesh=MESH, kpts=kpts)
-
-
-@torch.no_grad()
-def model_blocks(model, record: HamiltonianRecord, head: str) -> np.ndarray:
-    """Flat blocks (eV) of ``head`` on the record's own edges."""
-    batch = collate_graphs([record_to_graph(record, model.universal, targets=())])
-    padded = model(batch)[head].double().numpy()
-    return padded_to_flat(padded, record.numbers, record.edges, model.universal)
 
 
 def gap_table(records: list[HamiltonianRecord], models: dict[str, tuple], policy: dict) -> dict:
