@@ -28,9 +28,9 @@ unseen elements; `foundation.data.shards.split_group`).
   unbounded), from its per-step timings.
 * Both subprocesses are pinned to the same ``--threads`` CPUs when the machine has more.
 
-Interop facts handled here (the writer is left as is): DeePTB checks info.json strictly
-(only nframes, natoms, pos_type, pbc, bandinfo) and refuses the writer's extra
-``foundation`` and ``r_max`` entries, so the exported info.json is rewritten; DeePTB loads
+Interop facts: DeePTB checks info.json strictly (only nframes, natoms, pos_type, pbc,
+bandinfo), which our writer now respects (its own metadata goes to foundation.json;
+tests/test_deeptb_peer.py checks the folders load in DeePTB); DeePTB loads
 only folders named ``<prefix>.<suffix>`` (here ``frame.000`` …) and takes the basis from
 its input (``{"Ag": "1s1p1d"}``), not from basis.dat; its predicted blocks come keyed
 ``i_j_Rx_Ry_Rz`` (0-based) in group "0", one direction per atom pair. Its on-site blocks
@@ -251,8 +251,8 @@ def shell_string(ls: Sequence[int]) -> str:
 
 
 def export_deeptb(records: Sequence, root: Path) -> list[str]:
-    """Write ``records`` as DeePTB folders ``root/frame.NNN`` (H − μS, DeePTB-clean
-    info.json); returns the folder names in record order."""
+    """Write ``records`` as DeePTB folders ``root/frame.NNN`` (H − μS); returns the folder
+    names in record order."""
     from foundation import keys
     from foundation.data.formats.deeptb import write_deeptb
 
@@ -260,13 +260,9 @@ def export_deeptb(records: Sequence, root: Path) -> list[str]:
     names = []
     for k, record in enumerate(records):
         name = f"{PREFIX}.{k:04d}"
-        folder = write_deeptb(
+        write_deeptb(
             dataclasses.replace(record, meta=record.meta | {keys.ENERGY_ZERO: 0.0}), root / name
         )
-        info = json.loads((folder / "info.json").read_text())
-        # DeePTB's normalize_setinfo is strict: only these keys (no "foundation", no r_max).
-        clean = {k: info[k] for k in ("nframes", "natoms", "pos_type", "pbc")}
-        (folder / "info.json").write_text(json.dumps(clean, indent=1) + "\n")
         names.append(name)
     return names
 
@@ -278,7 +274,8 @@ def read_predictions(pred_root: Path, export_root: Path, names: Sequence[str], r
     out = []
     for name, record in zip(names, records, strict=True):
         folder = pred_root / name
-        for f in ("atomic_numbers.dat", "positions.dat", "cell.dat", "basis.dat", "info.json"):
+        for f in ("atomic_numbers.dat", "positions.dat", "cell.dat", "basis.dat", "info.json",
+                  "foundation.json"):  # fmt: skip
             shutil.copy(export_root / name / f, folder / f)
         out.append(read_deeptb(folder, basis=record.basis, key=record.key, require_overlap=False))
     return out

@@ -342,9 +342,7 @@ def test_spinful_and_multi_frame_folders_are_refused(tmp_path, record):
 
 def test_foreign_folder_without_saved_meta_gets_folder_key(tmp_path, record):
     folder = write_deeptb(record, tmp_path / "data.7")
-    info = json.loads((folder / "info.json").read_text())
-    info.pop("foundation")
-    (folder / "info.json").write_text(json.dumps(info))
+    (folder / "foundation.json").unlink()  # what DeePTB's own folders lack
     rec = read_deeptb(folder, basis_name="abacus-dzp")
     assert rec.key == "data_7" and rec.basis.name == "abacus-dzp"
     assert rec.meta["source"] == "deeptb"
@@ -365,3 +363,34 @@ def test_pyscf_record_round_trip_keeps_bands(tmp_path, fmt):
     assert_same_record(rec, back)
     kpts = np.array(rec.meta["dft_bands"]["kpts_frac"])
     np.testing.assert_allclose(band_energies(back, kpts), band_energies(rec, kpts), atol=1e-4)
+
+
+def test_deeptb_info_json_holds_only_the_keys_deeptb_accepts(tmp_path, record):
+    """DeePTB 2.2.1 checks info.json strictly; our key and meta live in foundation.json, and
+    folders of older writers (a "foundation" entry in info.json) still read back."""
+    folder = write_deeptb(record, tmp_path / "s0")
+    info = json.loads((folder / "info.json").read_text())
+    assert sorted(info) == ["natoms", "nframes", "pbc", "pos_type"]
+    assert read_deeptb(folder).key == record.key
+    legacy = json.loads((folder / "foundation.json").read_text())
+    (folder / "foundation.json").unlink()
+    (folder / "info.json").write_text(json.dumps(info | {"foundation": legacy}))
+    assert_same_record(record, read_deeptb(folder))
+
+
+def test_deeptb_dict_form_basis_dat(tmp_path, record):
+    """basis.dat as DeePTB's examples and exporter write it: one dict line per element."""
+    from ase.data import chemical_symbols
+
+    folder = write_deeptb(record, tmp_path / "s0")
+    lines = (folder / "basis.dat").read_text().splitlines()
+    table = {chemical_symbols[int(z)]: spec for z, spec in zip(record.numbers, lines, strict=True)}
+    (folder / "basis.dat").write_text(repr(table) + "\n")
+    assert_same_record(record, read_deeptb(folder))
+    missing = dict(list(table.items())[1:])
+    (folder / "basis.dat").write_text(repr(missing) + "\n")
+    with pytest.raises(FormatError, match="basis.dat: no shells for element"):
+        read_deeptb(folder)
+    (folder / "basis.dat").write_text("{'Si': __import__('os')}\n")
+    with pytest.raises(FormatError, match="cannot read the element"):
+        read_deeptb(folder)

@@ -7,6 +7,7 @@ files, round trips and messages are).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,33 @@ def test_basis_that_cannot_be_integrated_names_the_fallback(checkpoint):
     model.basis = BasisSet(name="deeptb:custom", shells=dict(model.basis.shells))
     with pytest.raises(P.PredictError, match="deeptb:custom.*--overlap model"):
         P.predict_record(model, bulk("Si"), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("nan", "atom\\(s\\) \\[1\\] have non-finite coordinates"),
+        ("close", "atoms 0 \\(Si\\) and 1 \\(Si\\) are 0.300 Å apart"),
+        ("fractional", "fractional coordinates read as Cartesian"),
+    ],
+)
+def test_bad_geometry_is_refused_naming_the_file_and_atoms(
+    tmp_path, checkpoint, capsys, edit, message
+):
+    """NaN coordinates, atoms on top of each other, fractional coordinates written as
+    Cartesian Å: exit status 2 and a message naming the file, the atoms and the fix."""
+    atoms = bulk("Si", cubic=True)
+    if edit == "nan":
+        atoms.positions[1, 0] = np.nan
+    elif edit == "close":
+        atoms.positions[1] = atoms.positions[0] + [0.3, 0.0, 0.0]
+    else:
+        atoms.positions = atoms.get_scaled_positions()  # 0…1 written where Å belong
+    path = tmp_path / "bad.xyz"
+    atoms.write(path, format="extxyz")
+    assert P.main([str(checkpoint), str(path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and re.search(message, err), err
 
 
 def test_unknown_element_is_refused(checkpoint):

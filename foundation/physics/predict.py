@@ -116,6 +116,39 @@ def read_structure(path: str | Path, fmt: str | None = None, index: int | str = 
     return atoms
 
 
+MIN_DISTANCE_A = 0.5  # closer atoms are an input error (no bond is this short)
+
+
+def check_geometry(atoms, where: str) -> None:
+    """Refuse geometries no DFT code would accept: non-finite coordinates or cell, and atoms
+    closer than `MIN_DISTANCE_A` (periodic images included), naming the atoms and the
+    likely cause (fractional coordinates read as Cartesian Å, duplicated atoms)."""
+    from ase.neighborlist import neighbor_list
+
+    bad = ~np.isfinite(atoms.positions).all(axis=1)
+    if bad.any():
+        raise PredictError(
+            f"{where}: atom(s) {np.nonzero(bad)[0][:5].tolist()} have non-finite coordinates; "
+            "fix the structure file."
+        )
+    if not np.isfinite(atoms.cell.array).all():
+        raise PredictError(f"{where}: the cell has non-finite entries; fix the lattice vectors.")
+    i, j, d = neighbor_list("ijd", atoms, MIN_DISTANCE_A)
+    if len(d):
+        k = int(np.argmin(d))
+        frac_like = bool(np.all((atoms.positions > -0.01) & (atoms.positions < 1.01)))
+        hint = (
+            "all coordinates lie in [0, 1]: fractional coordinates read as Cartesian Å? "
+            if frac_like
+            else ""
+        )
+        raise PredictError(
+            f"{where}: atoms {int(i[k])} ({atoms[int(i[k])].symbol}) and {int(j[k])} "
+            f"({atoms[int(j[k])].symbol}) are {d[k]:.3f} Å apart (< {MIN_DISTANCE_A} Å; "
+            f"{len(d) // 2} such pair(s)). {hint}Check the units (Å) and remove duplicate atoms."
+        )
+
+
 def boxed(atoms, vacuum_A: float):
     """A molecule (no periodic axis) in a periodic box with ``vacuum_A`` around it."""
     if atoms.pbc.any():
@@ -246,6 +279,7 @@ def predict_record(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     head = hamiltonian_head(model, target)
+    check_geometry(atoms, key)
     atoms = boxed(atoms, float(model.cutoff_A))
     numbers = atoms.numbers
     unknown = sorted({int(z) for z in numbers} - set(model.basis.atomic_numbers))
@@ -603,6 +637,7 @@ def _run(args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     atoms = read_structure(args.structure, args.format)
+    check_geometry(atoms, str(args.structure))  # names the file before the model loads
     if args.threads:
         import torch
 

@@ -7,11 +7,16 @@ dptb/utils/constants.py):
 * ``atomic_numbers.dat``: one atomic number per line.
 * ``cell.dat``: 3×3 in Å, **rows** = lattice vectors. ``positions.dat``: N×3 in Å, rows =
   atoms, Cartesian unless info.json says ``"pos_type": "frac"``.
-* ``basis.dat``: one line per atom, shells as counts per l (``2s2p1d``); ABACUS stores
-  orbitals l-major (all s, then all p, …), so the line fixes the order.
+* ``basis.dat``: either one line per atom with its shells as counts per l (``2s2p1d``), or
+  one Python dict line per element (``{'Si': '1s1p', 'O': '2s2p1d'}``), the form DeePTB's
+  own examples and exporter write; both are read. ABACUS stores orbitals l-major (all s,
+  then all p, …), so the spec fixes the order. Our writer writes the per-atom form.
 * ``info.json`` (in the folder or its parent): ``nframes``, ``natoms``, ``pos_type``,
-  ``pbc`` (bool or list), ``r_max``… Only single-frame folders are read. Our writer adds a
-  ``"foundation"`` entry (record key + meta) that DeePTB ignores.
+  ``pbc`` (bool or list). DeePTB 2.2.1 checks this file strictly and refuses any other key
+  (``dargs ArgumentKeyError: undefined key … in strict mode``), so our writer puts exactly
+  these keys there and keeps its own (record key, meta, basis name) in ``foundation.json``
+  next to it, a file DeePTB does not read; older folders with a ``"foundation"`` entry in
+  info.json are still read.
 * ``hamiltonians.h5`` / ``overlaps.h5``: a group per frame (``"0"``; legacy files ``"1"``)
   holding one dataset per block named ``"i_j_Rx_Ry_Rz"``: **0-based** atom indices in
   current DeePTB (legacy files are 1-based; the base is detected from the on-site blocks,
@@ -80,12 +85,44 @@ def is_deeptb_folder(path: str | os.PathLike) -> bool:
     return (path / MARKER).is_file() and (path / "positions.dat").is_file()
 
 
-def _read_basis_lines(path: Path, n_atoms: int) -> list[tuple[int, ...]]:
+SIDECAR = "foundation.json"
+DEEPTB_INFO_KEYS = ("nframes", "natoms", "pos_type", "pbc")
+
+
+def _read_basis_dict(path: Path, text: str, numbers: np.ndarray) -> list[tuple[int, ...]]:
+    """The dict form ``{'Si': '1s1p'}`` → shells per atom (never evaluates code)."""
+    import ast
+
+    from ase.data import chemical_symbols
+
+    try:
+        table = ast.literal_eval(text)
+        if not isinstance(table, dict):
+            raise ValueError("not a dict")
+        specs = {str(el): parse_shell_spec(str(spec)) for el, spec in table.items()}
+    except (ValueError, SyntaxError) as exc:
+        raise FormatError(
+            f"{path}: cannot read the element → shells dict ({exc}); expected e.g. "
+            f"{{'Si': '1s1p'}} or one line per atom such as '2s2p1d'. {_FIX}"
+        ) from None
+    missing = sorted({chemical_symbols[int(z)] for z in numbers} - set(specs))
+    if missing:
+        raise FormatError(
+            f"{path}: no shells for element(s) {', '.join(missing)} (it lists "
+            f"{', '.join(specs)}). {_FIX}"
+        )
+    return [specs[chemical_symbols[int(z)]] for z in numbers]
+
+
+def _read_basis_lines(path: Path, numbers: np.ndarray) -> list[tuple[int, ...]]:
+    n_atoms = len(numbers)
     lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if len(lines) == 1 and lines[0].startswith("{"):
+        return _read_basis_dict(path, lines[0], numbers)
     if len(lines) != n_atoms:
         raise FormatError(
             f"{path}: {len(lines)} lines for {n_atoms} atoms in atomic_numbers.dat; "
-            f"one line per atom such as '2s2p1d'. {_FIX}"
+            f"one line per atom such as '2s2p1d' (or one dict line {{'Si': '1s1p'}}). {_FIX}"
         )
     try:
         return [parse_shell_spec(ln) for ln in lines]
@@ -159,7 +196,7 @@ def read_deeptb(
     basis_path = folder / "basis.dat"
     if basis_path.is_file():
         source_basis = basis_from_atom_shells(
-            numbers, _read_basis_lines(basis_path, n), basis_name, basis_path
+            numbers, _read_basis_lines(basis_path, numbers), basis_name, basis_path
         )
     elif basis is not None:
         # DeePTB can take the basis from its input instead of basis.dat; ABACUS order is l-major.
@@ -170,7 +207,9 @@ def read_deeptb(
         raise FormatError(
             f"{basis_path}: missing; write one line per atom such as '2s2p1d', or pass basis=."
         )
-    saved = info.get(FOUNDATION_INFO_KEY, {}) if (folder / "info.json").is_file() else {}
+    saved = load_json(folder / SIDECAR, required=False) or (
+        info.get(FOUNDATION_INFO_KEY, {}) if (folder / "info.json").is_file() else {}
+    )
     meta = dict(saved.get("meta", {}))
     meta.setdefault("source", "deeptb")
     if basis is None and "basis_name" in saved:
@@ -213,7 +252,9 @@ def write_deeptb(
     *,
     orbital_convention: str = DEFAULT_CONVENTION,
 ) -> Path:
-    """Write a record as a current-style DeePTB folder (group "0", 0-based keys), atomically.
+    """Write a record as a current-style DeePTB folder (group "0", 0-based keys), atomically;
+    DeePTB 2.2.1 loads it (tests/test_deeptb_peer.py). H is absolute (the record's energy zero
+    added back), as DeePTB's own ABACUS-derived folders hold it.
 
     basis.dat can only express l-major shell order, so blocks are written with each
     element's shells sorted by l; reading back with ``basis=record.basis`` restores the
@@ -224,15 +265,8 @@ def write_deeptb(
         record.basis.name, {el: tuple(sorted(ls)) for el, ls in record.basis.shells.items()}
     )
     h, s = blocks_from_record(record, convention(orbital_convention), file_basis)
-    info = {
-        "nframes": 1,
-        "natoms": record.n_atoms,
-        "pos_type": "cart",
-        "pbc": record.pbc.tolist(),
-        FOUNDATION_INFO_KEY: record_meta_for_info(record),
-    }
-    if "edge_cutoff_A" in record.meta:
-        info["r_max"] = float(record.meta["edge_cutoff_A"])
+    # exactly DEEPTB_INFO_KEYS: DeePTB refuses any other key in info.json
+    info = {"nframes": 1, "natoms": record.n_atoms, "pos_type": "cart", "pbc": record.pbc.tolist()}
     with atomic_folder(folder) as tmp:
         np.savetxt(tmp / MARKER, record.numbers, fmt="%d")
         np.savetxt(tmp / "cell.dat", record.cell)
@@ -241,6 +275,7 @@ def write_deeptb(
             "".join(shell_spec(file_basis.shells_of(int(z))) + "\n" for z in record.numbers)
         )
         write_json(tmp / "info.json", info)
+        write_json(tmp / SIDECAR, record_meta_for_info(record))
         write_h5_blocks(tmp / H_FILE, {_format_key(k): b for k, b in h.items()}, group="0")
         if s is not None:
             write_h5_blocks(tmp / S_FILE, {_format_key(k): b for k, b in s.items()}, group="0")
