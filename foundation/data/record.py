@@ -72,6 +72,15 @@ def shifted_derivative(
     return dh - mu * ds - dmu[..., None] * s, dmu
 
 
+def _load_npy(data: bytes, where: str) -> np.ndarray:
+    """One .npy member (never pickled objects). Corrupt bytes make numpy's header parser raise
+    assorted exception types (ValueError, EOFError, SyntaxError, …): all become RecordError."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 — untrusted bytes, numpy raises many types
+        raise RecordError(f"{where}: unreadable .npy ({type(exc).__name__}: {exc}).") from None
+
+
 @dataclass
 class HamiltonianRecord:
     """One structure + basis + directed edges + flat H/S blocks + metadata (eV, Å)."""
@@ -365,7 +374,7 @@ class HamiltonianRecord:
         try:
             st = json.loads(files["structure.json"])
             arrays = {
-                name[: -len(".npy")]: np.load(io.BytesIO(data), allow_pickle=False)
+                name[: -len(".npy")]: _load_npy(data, f"{origin}: {name}")
                 for name, data in files.items()
                 if name.endswith(".npy")
             }

@@ -614,6 +614,9 @@ def decode_sample(sample: Mapping[str, bytes], origin: str) -> HamiltonianRecord
         record = HamiltonianRecord.from_files(members, origin=where)
         if record.key != key:
             raise RecordError(f"{where}: structure.json names key {record.key!r}")
+        atoms = record.edges[:, :2]
+        if atoms.size and (atoms.min() < 0 or atoms.max() >= record.n_atoms):
+            raise RecordError(f"{where}: edges name atoms outside 0…{record.n_atoms - 1}")
         for name, arr in {keys.H: record.h, keys.S: record.s, **record.extras}.items():
             shape = record.target_shape(name)
             if arr is not None and arr.size != int(np.prod(shape)):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def load_text(
 ) -> np.ndarray:
     """np.loadtxt with a shape check (None = any length); errors name the file and the fix."""
     try:
-        arr = np.loadtxt(path, dtype=dtype, ndmin=len(shape))
+        with warnings.catch_warnings():  # an empty file fails the shape check below
+            warnings.simplefilter("ignore", UserWarning)
+            arr = np.loadtxt(path, dtype=dtype, ndmin=len(shape))
     except (ValueError, OSError) as exc:
         raise FormatError(
             f"{path}: cannot parse {what} ({exc}); the file must hold plain numbers "
@@ -80,6 +83,14 @@ def load_text(
             "(None = any length); the file is truncated or belongs to another structure."
         )
     return arr
+
+
+def text_lines(path: Path) -> list[str]:
+    """Non-empty, stripped lines of a text file; undecodable bytes raise `FormatError`."""
+    try:
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not a text file ({exc}); fix or regenerate it.") from None
 
 
 def load_json(path: Path, *, required: bool = True) -> dict:

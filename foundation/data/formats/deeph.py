@@ -54,6 +54,7 @@ from foundation.data.formats.common import (
     record_meta_for_info,
     require_file,
     sanitize_key,
+    text_lines,
     write_h5_blocks,
     write_json,
 )
@@ -88,7 +89,7 @@ def is_deeph_folder(path: str | os.PathLike) -> bool:
 
 
 def _read_orbital_types(path: Path, n_atoms: int) -> list[tuple[int, ...]]:
-    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [ln.split() for ln in text_lines(path)]
     try:
         shells = [tuple(int(v) for v in ln) for ln in lines]
     except ValueError:

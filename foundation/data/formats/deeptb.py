@@ -53,6 +53,7 @@ from foundation.data.formats.common import (
     record_meta_for_info,
     require_file,
     sanitize_key,
+    text_lines,
     write_h5_blocks,
     write_json,
 )
@@ -116,7 +117,7 @@ def _read_basis_dict(path: Path, text: str, numbers: np.ndarray) -> list[tuple[i
 
 def _read_basis_lines(path: Path, numbers: np.ndarray) -> list[tuple[int, ...]]:
     n_atoms = len(numbers)
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    lines = text_lines(path)
     if len(lines) == 1 and lines[0].startswith("{"):
         return _read_basis_dict(path, lines[0], numbers)
     if len(lines) != n_atoms:
