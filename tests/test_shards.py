@@ -176,6 +176,20 @@ def test_non_json_npy_member_is_refused_by_name(dataset, member):
         list(iter_records(dataset, "train"))
 
 
+def test_member_escaping_the_dataset_folder_is_refused(dataset, records):
+    """A tar member named ../x… (a hostile or broken writer) and a manifest listing a shard
+    outside the dataset folder stop with the shard, the sample and the fix."""
+    path = shard_paths(dataset, "train")[0]
+    _append_member_and_rehash(dataset, path, "../evil.structure.json", b"{}")
+    with pytest.raises(ShardError, match=rf"{path}: sample '../evil': member names escape"):
+        list(iter_records(dataset, "train"))
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["file"] = "../../etc/passwd"
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"lists shard '../../etc/passwd' outside the dataset"):
+        list(iter_records(dataset, "val"))
+
+
 def test_pickled_npy_is_refused(dataset, records):
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)

@@ -555,7 +555,16 @@ def _split_entries(dataset_dir: Path, manifest: dict, split: str) -> list[dict]:
         raise ShardError(
             f"{dataset_dir / MANIFEST}: no split {split!r} (has {', '.join(splits) or 'none'})."
         )
-    return splits[split]["shards"]
+    entries = splits[split]["shards"]
+    for e in entries:
+        rel = Path(str(e.get("file", "")))
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ShardError(
+                f"{dataset_dir / MANIFEST}: split {split!r} lists shard {str(rel)!r} outside the "
+                "dataset folder; shard paths must be relative and stay inside it. Rewrite the "
+                "manifest with foundation-data shard."
+            )
+    return entries
 
 
 def shard_paths(dataset_dir: str | os.PathLike, split: str) -> list[Path]:
@@ -603,6 +612,11 @@ def decode_sample(sample: Mapping[str, bytes], origin: str) -> HamiltonianRecord
     key = sample.get("__key__", "?")
     where = f"{origin}: sample {key!r}"
     dataset = Path(origin).parent.parent
+    if "/" in str(key) or "\\" in str(key) or str(key) in ("", ".", ".."):
+        raise ShardError(
+            f"{where}: member names escape the dataset folder (path separators or '..' in the "
+            f"key); {_fix(dataset)}."
+        )
     members = {k: v for k, v in sample.items() if not k.startswith("__")}
     for suffix in members:
         if not suffix.endswith(ALLOWED_SUFFIXES):
