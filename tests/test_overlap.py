@@ -39,9 +39,7 @@ def _cell(symbols: str, a: float, seed: int) -> ase.Atoms:
 
 
 def _exact(tables, atoms, edges):
-    return ov.exact_overlap(
-        tables, atoms.get_chemical_symbols(), atoms.positions, atoms.cell.array, edges
-    )
+    return ov.exact_overlap(tables, atoms.numbers, atoms.positions, atoms.cell.array, edges)
 
 
 @pytest.mark.parametrize(("symbols", "a"), [("InAs", 6.06), ("AgI", 6.5), ("SiGe", 5.54)])
@@ -99,7 +97,7 @@ def test_derivative_matches_pyscf_finite_differences(tables):
     edges = neighbor_edges(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc, 7.0)
     patterns = np.random.default_rng(1).standard_normal((2, len(atoms), 3))
     got = ov.exact_overlap_derivative(
-        tables, atoms.get_chemical_symbols(), atoms.positions, atoms.cell.array, edges, patterns
+        tables, atoms.numbers, atoms.positions, atoms.cell.array, edges, patterns
     )
     ref = overlap_derivatives(atoms, edges, patterns)
     err = np.abs(got - ref).max() / np.abs(ref).max()

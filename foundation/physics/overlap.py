@@ -20,6 +20,7 @@ per lattice translation, unusable at 10⁴ atoms.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -57,8 +58,10 @@ def cache_root() -> Path:
     return Path(root) / "overlap"
 
 
+@functools.cache
 def _pyscf_shells(basis_name: str, symbol: str) -> list:
-    """PySCF's contracted-Gaussian data of one element (JSON-able nested lists)."""
+    """PySCF's contracted-Gaussian data of one element (JSON-able nested lists; read once
+    per process: every table build and content hash needs it; callers do not mutate it)."""
     from pyscf import gto
 
     try:
@@ -171,15 +174,20 @@ def _content_hash(basis: BasisSet, a: str, b: str, step_A: float, r_max_A: float
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _spline_coefficients(step_A: float, values: np.ndarray) -> np.ndarray:
-    """(intervals, order + 1, P) Taylor coefficients at each left grid point of the quintic
-    spline through ``values`` (grid r_k = k·step): its derivatives there (the highest one,
-    piecewise constant, at the interval midpoint), highest power first; intervals end after
-    the last grid point where some |S| exceeds `NEGLIGIBLE`."""
+def _spline(step_A: float, values: np.ndarray):
+    """The quintic interpolating spline through ``values`` on the grid r_k = k·step."""
     from scipy.interpolate import make_interp_spline
 
+    return make_interp_spline(np.arange(len(values)) * step_A, values, k=SPLINE_ORDER, axis=0)
+
+
+def _spline_coefficients(step_A: float, values: np.ndarray, spline=None) -> np.ndarray:
+    """(intervals, order + 1, P) Taylor coefficients at each left grid point of the spline
+    through ``values`` (`_spline`, or ``spline`` when already fitted): its derivatives there
+    (the highest one, piecewise constant, at the interval midpoint), highest power first;
+    intervals end after the last grid point where some |S| exceeds `NEGLIGIBLE`."""
     r = np.arange(len(values)) * step_A
-    spline = make_interp_spline(r, values, k=SPLINE_ORDER, axis=0)
+    spline = _spline(step_A, values) if spline is None else spline
     significant = np.nonzero(np.abs(values).max(axis=1) > NEGLIGIBLE)[0]
     n_keep = min(len(r) - 1, int(significant.max(initial=0)) + 2)
     left = r[:n_keep]
@@ -199,8 +207,6 @@ def build_pair_table(
     basis: BasisSet, a: str, b: str, r_max_A: float, step_A: float = DEFAULT_STEP_A
 ) -> PairTable:
     """Tabulate and fit the bond-frame overlap of ``a``–``b`` (PySCF two-atom integrals)."""
-    from scipy.interpolate import make_interp_spline
-
     t0 = time.perf_counter()
     n_grid = int(round(r_max_A / step_A)) + 1
     r = np.arange(n_grid) * step_A
@@ -215,7 +221,7 @@ def build_pair_table(
         )
     rows, cols = np.nonzero(same_m)
     values = np.ascontiguousarray(blocks[:, rows, cols])
-    spline = make_interp_spline(r, values, k=SPLINE_ORDER, axis=0)
+    spline = _spline(step_A, values)
     mid = r[:-1] + 0.5 * step_A
     error = float(np.abs(spline(mid) - _bond_frame_blocks(basis, a, b, mid)[:, rows, cols]).max())
     return PairTable(
@@ -228,7 +234,7 @@ def build_pair_table(
         rows=rows,
         cols=cols,
         values=values,
-        coefficients=_spline_coefficients(step_A, values),
+        coefficients=_spline_coefficients(step_A, values, spline),
         max_error=error,
         build_seconds=time.perf_counter() - t0,
     )
@@ -384,40 +390,56 @@ def edge_displacements(positions: np.ndarray, cell: np.ndarray, edges: np.ndarra
     return positions[edges[:, 1]] + edges[:, 2:5] @ np.asarray(cell) - positions[edges[:, 0]]
 
 
+def _block_sizes(basis: BasisSet, numbers: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(E,) entries n_i·n_j of each edge's block (the record layout)."""
+    n_orb = basis.n_orb_array(numbers)
+    return n_orb[edges[:, 0]] * n_orb[edges[:, 1]]
+
+
 def _groups(
-    tables: OverlapTables, symbols: list[str], edges: np.ndarray, chunk: int
+    tables: OverlapTables, numbers: np.ndarray, edges: np.ndarray, chunk: int
 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
     """(a, b, edge ids, flat entry index (E_g, n_a·n_b)) per element pair and chunk."""
-    sizes = np.array([tables.basis.n_orb(s) for s in symbols], dtype=np.int64)
-    per_edge = sizes[edges[:, 0]] * sizes[edges[:, 1]]
+    from ase.data import chemical_symbols
+
+    per_edge = _block_sizes(tables.basis, numbers, edges)
     starts = np.concatenate([[0], np.cumsum(per_edge)[:-1]])
-    species = np.unique(symbols, return_inverse=True)
-    kinds, inverse = species[0], species[1].reshape(-1)
+    kinds, inverse = np.unique(numbers, return_inverse=True)
+    inverse = inverse.reshape(-1)
     pair_id = inverse[edges[:, 0]] * len(kinds) + inverse[edges[:, 1]]
     for pid in np.unique(pair_id):
-        a, b = kinds[pid // len(kinds)], kinds[pid % len(kinds)]
+        a, b = (chemical_symbols[int(kinds[q])] for q in divmod(int(pid), len(kinds)))
         ids = np.nonzero(pair_id == pid)[0]
         width = tables.basis.n_orb(a) * tables.basis.n_orb(b)
         for lo in range(0, len(ids), chunk):
             part = ids[lo : lo + chunk]
-            yield str(a), str(b), part, starts[part][:, None] + np.arange(width)
+            yield a, b, part, starts[part][:, None] + np.arange(width)
+
+
+def _prepared(
+    tables: OverlapTables, numbers, positions: np.ndarray, cell: np.ndarray, edges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(numbers, edges (E, 5) int64, bond vectors (E, 3) Å, total flat entries)."""
+    numbers = np.asarray(numbers, dtype=np.int64).reshape(-1)
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 5)
+    vectors = edge_displacements(np.asarray(positions, dtype=np.float64), cell, edges)
+    return numbers, edges, vectors, int(_block_sizes(tables.basis, numbers, edges).sum())
 
 
 def exact_overlap(
     tables: OverlapTables,
-    symbols: list[str],
+    numbers: np.ndarray,
     positions: np.ndarray,
     cell: np.ndarray,
     edges: np.ndarray,
     chunk: int = 65536,
 ) -> np.ndarray:
-    """Flat S(R) blocks (record layout: each edge's n_i × n_j block row-major, in edge order)."""
-    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 5)
-    vectors = edge_displacements(np.asarray(positions, dtype=np.float64), cell, edges)
-    sizes = np.array([tables.basis.n_orb(s) for s in symbols], dtype=np.int64)
-    out = np.empty(int((sizes[edges[:, 0]] * sizes[edges[:, 1]]).sum()))
+    """Flat S(R) blocks (record layout: each edge's n_i × n_j block row-major, in edge order)
+    of atoms with atomic ``numbers`` at ``positions`` (Å) on ``edges`` (i, j, Rx, Ry, Rz)."""
+    numbers, edges, vectors, total = _prepared(tables, numbers, positions, cell, edges)
+    out = np.empty(total)
     with torch.no_grad():
-        for a, b, ids, index in _groups(tables, symbols, edges, chunk):
+        for a, b, ids, index in _groups(tables, numbers, edges, chunk):
             block = tables.blocks(a, b, torch.from_numpy(vectors[ids]))
             out[index] = block.reshape(len(ids), -1).numpy()
     return out
@@ -425,7 +447,7 @@ def exact_overlap(
 
 def exact_overlap_derivative(
     tables: OverlapTables,
-    symbols: list[str],
+    numbers: np.ndarray,
     positions: np.ndarray,
     cell: np.ndarray,
     edges: np.ndarray,
@@ -434,13 +456,11 @@ def exact_overlap_derivative(
 ) -> np.ndarray:
     """(P, total) flat dS(R)/dλ along displacement patterns (P, N, 3) (1/Å for unit
     Cartesian patterns): forward-mode derivative of the splines and the rotations."""
-    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 5)
-    vectors = edge_displacements(np.asarray(positions, dtype=np.float64), cell, edges)
-    patterns = np.asarray(patterns, dtype=np.float64).reshape(-1, len(symbols), 3)
+    numbers, edges, vectors, total = _prepared(tables, numbers, positions, cell, edges)
+    patterns = np.asarray(patterns, dtype=np.float64).reshape(-1, len(numbers), 3)
     tangents = patterns[:, edges[:, 1]] - patterns[:, edges[:, 0]]  # (P, E, 3)
-    sizes = np.array([tables.basis.n_orb(s) for s in symbols], dtype=np.int64)
-    out = np.empty((len(patterns), int((sizes[edges[:, 0]] * sizes[edges[:, 1]]).sum())))
-    for a, b, ids, index in _groups(tables, symbols, edges, chunk):
+    out = np.empty((len(patterns), total))
+    for a, b, ids, index in _groups(tables, numbers, edges, chunk):
         v = torch.from_numpy(vectors[ids])
         for p in range(len(patterns)):
             _, d = torch.func.jvp(
@@ -459,15 +479,11 @@ def record_overlap_error(tables: OverlapTables, record) -> float:
     of the BvK supercell (weight w = 1/m, ``meta["dense_kmesh"]``); the same weights are
     applied here. Other records are compared with weight 1.
     """
-    from ase.data import chemical_symbols
-
     from foundation.data.dft.pyscf import wigner_seitz_weights
 
-    symbols = [chemical_symbols[int(z)] for z in record.numbers]
-    exact = exact_overlap(tables, symbols, record.positions, record.cell, record.edges)
+    exact = exact_overlap(tables, record.numbers, record.positions, record.cell, record.edges)
     mesh = record.meta.get("dense_kmesh")
     if mesh is not None:
         weight = wigner_seitz_weights(record.edge_vectors(), record.cell, mesh)
-        sizes = np.array([tables.basis.n_orb(s) for s in symbols])
-        exact = exact * np.repeat(weight, sizes[record.edges[:, 0]] * sizes[record.edges[:, 1]])
+        exact = exact * np.repeat(weight, _block_sizes(tables.basis, record.numbers, record.edges))
     return float(np.abs(record.s.astype(np.float64) - exact).max(initial=0.0))

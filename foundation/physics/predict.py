@@ -295,6 +295,15 @@ def predict_record(
             f"the model has no overlap head (heads: {list(model.heads)}); rerun with "
             "--overlap exact to compute the exact S(R) of its basis."
         )
+    if overlap == "exact":
+        from foundation.physics.overlap import can_integrate
+
+        if not can_integrate(model.basis):  # before inference, not after it
+            raise PredictError(
+                f"the overlap of the model's basis {model.basis.name!r} cannot be computed "
+                "exactly here (PySCF does not know its radial functions: data read from "
+                "DeePTB/ABACUS folders); rerun with --overlap model to use the model's S head."
+            )
     # structure_to_graph builds its edges with neighbor_edges at the model's cutoff.
     graph = structure_to_graph(
         numbers,
@@ -404,7 +413,7 @@ def predict_eph(
         from foundation.physics.overlap import exact_overlap_derivative
 
         flat[keys.S] = exact_overlap_derivative(
-            _tables(model, record.edge_vectors()), _symbols(record.numbers), record.positions,
+            _tables(model, record.edge_vectors()), record.numbers, record.positions,
             record.cell, record.edges, patterns,
         )  # fmt: skip
     bloch = BlochHamiltonian.from_record(record)
@@ -462,24 +471,12 @@ def write_eph(args: argparse.Namespace, model, atoms, record: HamiltonianRecord,
     return summary
 
 
-def _symbols(numbers: np.ndarray) -> list[str]:
-    from ase.data import chemical_symbols
-
-    return [chemical_symbols[int(z)] for z in numbers]
-
-
 def _tables(model, vectors: np.ndarray):
     """The model basis' overlap tables, long enough for ``vectors`` (E, 3) Å."""
-    from foundation.physics.overlap import OverlapError, OverlapTables
+    from foundation.physics.overlap import OverlapTables
 
     reach = float(np.linalg.norm(vectors, axis=1).max(initial=0.0))
-    tables = OverlapTables(model.basis, r_max_A=max(reach, float(model.cutoff_A)))
-    try:  # fail early, naming the basis, if PySCF cannot integrate it
-        first = model.basis.elements[0]
-        tables.pair(first, first)
-    except OverlapError as exc:
-        raise PredictError(str(exc)) from None
-    return tables
+    return OverlapTables(model.basis, r_max_A=max(reach, float(model.cutoff_A)))
 
 
 def table_overlap(model, atoms, edges: np.ndarray) -> np.ndarray:
@@ -489,7 +486,7 @@ def table_overlap(model, atoms, edges: np.ndarray) -> np.ndarray:
     positions, cell = atoms.positions, atoms.cell.array
     tables = _tables(model, edge_displacements(positions, cell, edges))
     try:
-        return exact_overlap(tables, _symbols(atoms.numbers), positions, cell, edges)
+        return exact_overlap(tables, atoms.numbers, positions, cell, edges)
     except OverlapError as exc:
         raise PredictError(str(exc)) from None
 
