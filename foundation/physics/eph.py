@@ -185,6 +185,16 @@ def eph_matrix_elements(
     return eps, dhk - dsk * eps[None, :]
 
 
+def level_average(values: np.ndarray, tol: float) -> np.ndarray:
+    """(B, B) matrix A with A[a, b] = 1/|D(a)| for b in a's degenerate level D(a) (ascending
+    ``values`` closer than ``tol`` to their neighbour belong to one level), else 0: A @ X
+    averages X over each level, the gauge-invariant form of |g|² in degenerate subspaces."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    level = np.concatenate([[0], np.cumsum(np.diff(values) > tol)])
+    average = (level[:, None] == level[None, :]).astype(np.float64)
+    return average / average.sum(axis=1, keepdims=True)
+
+
 @dataclass
 class Couplings:
     """g_mnν(k, q = 0) of M phonon modes at K electron k-points: ``kpoints_frac`` (K, 3),
@@ -202,9 +212,7 @@ class Couplings:
         of e-ph codes); equals |g_mn| where nothing is degenerate."""
         out = np.empty(self.g_eV.shape)
         for k, eps in enumerate(self.eigenvalues_eV):
-            level = np.concatenate([[0], np.cumsum(np.diff(eps) > tol_eV)])
-            average = (level[:, None] == level[None, :]).astype(np.float64)
-            average /= average.sum(axis=1, keepdims=True)  # (B, B): mean over one's level
+            average = level_average(eps, tol_eV)
             out[k] = np.sqrt(average @ np.abs(self.g_eV[k]) ** 2 @ average.T)
         return out
 
@@ -252,6 +260,7 @@ __all__ = [
     "directional_derivative",
     "eph_matrix_elements",
     "flat_blocks",
+    "level_average",
     "mode_couplings",
     "model_hamiltonian_derivative",
     "record_couplings",

@@ -8,8 +8,10 @@ Phonon sources (no pickle; phonopy reads YAML or plain text):
 * a ``FORCE_CONSTANTS`` file (phonopy's text format) plus the structure it belongs to
   (the unit cell; the supercell matrix, default 1×1×1, must match the file's atom count).
 
-Only q = 0 is computed (the e-ph matrix elements of `foundation.physics.eph` are q = 0
-only). For a polar crystal these are the TO-like analytic frequencies: the non-analytic
+`load_gamma_phonons` gives q = 0 (`GammaPhonons`, real eigenvectors); `load_phonon_model`
+gives any q (`PhononModel`: phonopy's Fourier interpolation of the force constants of a
+supercell, complex eigenvectors in the cell-phase convention of `foundation.physics.eph_q`).
+For a polar crystal these are the TO-like analytic frequencies: the non-analytic
 LO–TO splitting at Γ (Born charges, dielectric tensor) is not included.
 
 Units: frequencies ν in THz (ω = 2πν; negative values mean imaginary modes, phonopy's
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import ase
 import numpy as np
+from ase import units
 
 from foundation.physics.eph import zero_point_displacement
 
@@ -93,11 +96,6 @@ class GammaPhonons:
 
 def _gamma_modes(phonon, source: str) -> GammaPhonons:
     """Γ frequencies and eigenvectors of a phonopy object with force constants."""
-    if phonon.force_constants is None:
-        raise PhononError(
-            f"{source}: no force constants inside; save them with "
-            "Phonopy.save(settings={'force_constants': True}) or give a FORCE_CONSTANTS file."
-        )
     phonon.run_qpoints([[0.0, 0.0, 0.0]], with_eigenvectors=True)
     q = phonon.get_qpoints_dict()
     freqs = np.asarray(q["frequencies"][0], dtype=np.float64)
@@ -133,19 +131,13 @@ def _real_basis(vectors: np.ndarray, freqs: np.ndarray, tol_THz: float = 1e-4) -
     return out
 
 
-def load_gamma_phonons(
+def _load_phonopy(
     path: str | os.PathLike,
     structure: ase.Atoms | None = None,
     supercell_matrix: np.ndarray | None = None,
-) -> GammaPhonons:
-    """Γ phonons from a phonopy YAML with force constants or a FORCE_CONSTANTS file.
-
-    A ``.yaml``/``.yml`` file is read with ``phonopy.load`` (no primitive-cell search: the
-    file's unit cell is the cell of the modes; the acoustic sum rule is imposed by phonopy's
-    force-constant symmetrisation). Any other file is a phonopy ``FORCE_CONSTANTS`` text file
-    of ``structure`` (required then) repeated by ``supercell_matrix`` (default identity).
-    When ``structure`` is given the modes must belong to it (`GammaPhonons.check_structure`).
-    """
+):
+    """phonopy object with force constants from a phonopy YAML or a FORCE_CONSTANTS file
+    (`load_gamma_phonons` says which and how)."""
     import phonopy
     from phonopy.file_IO import parse_FORCE_CONSTANTS
     from phonopy.structure.atoms import PhonopyAtoms
@@ -180,15 +172,128 @@ def load_gamma_phonons(
         if fc.shape[1] != len(phonon.supercell.numbers):
             raise PhononError(
                 f"{path}: force constants for {fc.shape[1]} atoms but the structure repeated by "
-                f"{matrix.tolist()} has {len(phonon.supercell.numbers)}; pass the supercell matrix "
-                "the file was computed with."
+                f"{np.asarray(matrix).tolist()} has {len(phonon.supercell.numbers)}; pass the "
+                "supercell matrix the file was computed with."
             )
         phonon.force_constants = fc
         phonon.symmetrize_force_constants()
-    modes = _gamma_modes(phonon, str(path))
+    if phonon.force_constants is None:
+        raise PhononError(
+            f"{path}: no force constants inside; save them with "
+            "Phonopy.save(settings={'force_constants': True}) or give a FORCE_CONSTANTS file."
+        )
+    return phonon
+
+
+def load_gamma_phonons(
+    path: str | os.PathLike,
+    structure: ase.Atoms | None = None,
+    supercell_matrix: np.ndarray | None = None,
+) -> GammaPhonons:
+    """Γ phonons from a phonopy YAML with force constants or a FORCE_CONSTANTS file.
+
+    A ``.yaml``/``.yml`` file is read with ``phonopy.load`` (no primitive-cell search: the
+    file's unit cell is the cell of the modes; the acoustic sum rule is imposed by phonopy's
+    force-constant symmetrisation). Any other file is a phonopy ``FORCE_CONSTANTS`` text file
+    of ``structure`` (required then) repeated by ``supercell_matrix`` (default identity).
+    When ``structure`` is given the modes must belong to it (`GammaPhonons.check_structure`).
+    """
+    modes = _gamma_modes(_load_phonopy(path, structure, supercell_matrix), str(path))
     if structure is not None:
         modes.check_structure(structure, str(path))
     return modes
 
 
-__all__ = ["ACOUSTIC_THZ", "GammaPhonons", "PhononError", "load_gamma_phonons"]
+@dataclass
+class QPhonons:
+    """Modes at Q wave vectors: ``qpoints_frac`` (Q, 3) (primitive reciprocal basis),
+    ``frequencies_THz`` (Q, 3N) ascending, ``eigenvectors`` (Q, 3N, N, 3) complex, normalised,
+    in the *cell-phase* convention: atom κ of the cell at lattice vector L moves along
+    Re[e_κ e^{2πi q·L}] (phonopy's eigenvectors carry e^{2πi q·τ_κ} in the phase instead;
+    `PhononModel.modes` converts), ``masses_amu`` (N,)."""
+
+    qpoints_frac: np.ndarray
+    frequencies_THz: np.ndarray
+    eigenvectors: np.ndarray
+    masses_amu: np.ndarray
+
+    def zero_point_patterns(self, min_THz: float = ACOUSTIC_THZ) -> np.ndarray:
+        """(Q, 3N, N, 3) complex u_κ(qν) = e_κ(qν) sqrt(ħ / 2M_κω) in Å: ∂_qν = Σ_κα,L
+        u_κα e^{2πi q·L} ∂/∂u_κα,L gives g in eV. Modes with ν ≤ ``min_THz`` (acoustic modes
+        at Γ, imaginary modes) get zero amplitude: they do not scatter here."""
+        nu = self.frequencies_THz
+        safe = np.where(nu > min_THz, nu, 1.0)
+        omega = 2.0 * np.pi * safe * 1e12  # rad/s
+        length_A = 1e10 * np.sqrt(
+            units._hbar / (2.0 * self.masses_amu[None, None, :] * units._amu * omega[..., None])
+        )  # (Q, 3N, N)
+        length_A = np.where((nu > min_THz)[..., None], length_A, 0.0)
+        return self.eigenvectors * length_A[..., None]
+
+
+class PhononModel:
+    """Phonons at any q from the force constants of a supercell (phonopy does the Fourier
+    interpolation): `load_phonon_model`. ``primitive`` is the cell of the modes."""
+
+    def __init__(self, phonon, source: str):
+        self.phonon = phonon
+        self.source = source
+        prim = phonon.primitive
+        self.numbers = np.asarray(prim.numbers, dtype=np.int64)
+        self.positions = np.asarray(prim.positions, dtype=np.float64)
+        self.cell = np.asarray(prim.cell, dtype=np.float64)
+        self.masses_amu = np.asarray(prim.masses, dtype=np.float64)
+
+    def dynamical_matrix(self, q_frac) -> np.ndarray:
+        """(3N, 3N) complex mass-weighted dynamical matrix D(q) of phonopy (eV/Å²/amu)."""
+        dm = self.phonon.dynamical_matrix
+        dm.run(np.asarray(q_frac, dtype=np.float64).reshape(3))
+        return np.array(dm.dynamical_matrix)
+
+    def modes(self, qpoints_frac) -> QPhonons:
+        """`QPhonons` at ``qpoints_frac`` (Q, 3) (cell-phase eigenvectors)."""
+        q = np.asarray(qpoints_frac, dtype=np.float64).reshape(-1, 3)
+        self.phonon.run_qpoints(q, with_eigenvectors=True)
+        out = self.phonon.get_qpoints_dict()
+        n = len(self.numbers)
+        vectors = np.asarray(out["eigenvectors"]).transpose(0, 2, 1).reshape(len(q), 3 * n, n, 3)
+        frac = np.linalg.solve(self.cell.T, self.positions.T).T  # (N, 3)
+        phase = np.exp(2j * np.pi * q @ frac.T)  # (Q, N): e^{2πi q·τ_κ}
+        return QPhonons(
+            qpoints_frac=q,
+            frequencies_THz=np.asarray(out["frequencies"], dtype=np.float64),
+            eigenvectors=vectors * phase[:, None, :, None],
+            masses_amu=self.masses_amu,
+        )
+
+    @property
+    def atoms(self) -> ase.Atoms:
+        return ase.Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=True)
+
+
+def load_phonon_model(
+    path: str | os.PathLike,
+    structure: ase.Atoms | None = None,
+    supercell_matrix: np.ndarray | None = None,
+) -> PhononModel:
+    """`PhononModel` from the same files as `load_gamma_phonons` (a phonopy YAML with force
+    constants, or FORCE_CONSTANTS + ``structure`` + ``supercell_matrix``). Only q whose
+    phonons the supercell resolves are exact; others are phonopy's Fourier interpolation of
+    the force constants (converges with the supercell size). ``structure``, when given, must
+    be the cell of the modes (`GammaPhonons.check_structure`)."""
+    phonon = _load_phonopy(path, structure, supercell_matrix)
+    model = PhononModel(phonon, str(path))
+    if structure is not None:
+        _gamma_modes(phonon, str(path)).check_structure(structure, str(path))
+    return model
+
+
+__all__ = [
+    "ACOUSTIC_THZ",
+    "GammaPhonons",
+    "PhononError",
+    "PhononModel",
+    "QPhonons",
+    "load_gamma_phonons",
+    "load_phonon_model",
+]

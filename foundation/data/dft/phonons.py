@@ -46,10 +46,13 @@ def gamma_phonopy(
     *,
     delta_A: float = 0.01,
     symprec: float = 1e-5,
+    supercell_matrix: np.ndarray | None = None,
 ):
-    """phonopy object (1×1×1 supercell, force constants produced and symmetrised) of
-    ``atoms``; ``forces(displaced atoms) -> (N, 3) eV/Å`` is called once per ±``delta_A``
-    displacement phonopy needs (2 for Si diamond, 4 for zincblende, 12 without symmetry).
+    """phonopy object (1×1×1 supercell unless ``supercell_matrix`` says otherwise, force
+    constants produced and symmetrised) of ``atoms``; ``forces(displaced supercell) ->
+    (N_sc, 3) eV/Å`` is called once per ±``delta_A`` displacement phonopy needs (2 for Si
+    diamond, 4 for zincblende, 12 without symmetry in a 1×1×1 cell). A supercell's force
+    constants give phonons at any q (`foundation.physics.phonons.PhononModel`).
     Save it with ``phonon.save(path, settings={"force_constants": True})``."""
     from phonopy import Phonopy
     from phonopy.structure.atoms import PhonopyAtoms
@@ -58,13 +61,16 @@ def gamma_phonopy(
         numbers=atoms.numbers, cell=np.asarray(atoms.cell), positions=atoms.positions
     )
     phonon = Phonopy(
-        unit, supercell_matrix=np.eye(3, dtype=int), primitive_matrix="P", symprec=symprec
+        unit,
+        supercell_matrix=np.eye(3, dtype=int) if supercell_matrix is None else supercell_matrix,
+        primitive_matrix="P",
+        symprec=symprec,
     )
     phonon.generate_displacements(distance=delta_A, is_plusminus=True)
     sets = []
     for cell in phonon.supercells_with_displacements:
         moved = ase.Atoms(numbers=cell.numbers, cell=cell.cell, positions=cell.positions, pbc=True)
-        sets.append(np.asarray(forces(moved), dtype=np.float64).reshape(len(atoms), 3))
+        sets.append(np.asarray(forces(moved), dtype=np.float64).reshape(len(moved), 3))
     phonon.forces = np.array(sets)
     phonon.produce_force_constants()
     phonon.symmetrize_force_constants()
