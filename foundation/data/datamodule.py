@@ -21,6 +21,13 @@ Streaming, deterministic, and safe for many ranks:
   dataset (e.g. the pretraining data) filling ``fraction`` of the edge budget. Targets the
   replayed dataset lacks (``h_hse``) get presence flags (`keys.present`), zero blocks on
   its structures, and count in no loss or metric there.
+* **Damaged data** (``on_error``): ``stop`` ends the run at the first missing, corrupt or
+  truncated shard or undecodable sample with a `ShardError` naming the shard, the sample
+  and the fix. ``skip`` leaves them out and goes on: shards that fail their checksum at
+  setup are dropped whole (a changed array value cannot be pinned to one sample), samples
+  that fail to decode while streaming are skipped, the rest of a truncated shard too. Every
+  skip is logged; `ShardDataModule.skipped` counts them (stream events reach the main
+  process with the batch that follows them, ``SKIPPED``) for the run summary and loggers.
 * **Exact resume**: each train batch carries ``BATCH_POSITION = (epoch, index)``; the
   datamodule records the last batch handed to the model (``on_before_batch_transfer``) and
   checkpoints it (``state_dict``), and a resumed run skips the batches already consumed.
@@ -51,6 +58,13 @@ BATCH_POSITION = "batch_position"
 """(2,) long tensor (epoch, index within the epoch) of a train batch; removed before the model."""
 EVAL_WEIGHT = "eval_weight"
 """(1,) float tensor: 1 for a real val/test batch, 0 for a padding copy (metrics skip it)."""
+SKIPPED = "skipped"
+"""List of messages (shard, sample, reason) of data skipped since the previous batch of the
+same stream (``on_error=skip``); removed before the model."""
+ON_ERROR = ("stop", "skip")
+MAX_FAILED_SHARDS_IN_A_ROW = 64
+"""With ``on_error=skip``, this many shard reads in a row without one good sample stop the
+run: the data is broken as a whole, not here and there."""
 
 
 class DataConfigError(ValueError):
@@ -70,12 +84,47 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _read_records(urls: Iterable[str]) -> Iterator[HamiltonianRecord]:
-    """Records from an iterable of shard paths, in shard and member order."""
-    from foundation.data.shards import decode_sample, shard_samples
+def _read_records(
+    urls: Iterable[str], skipped: list[str] | None = None
+) -> Iterator[HamiltonianRecord]:
+    """Records from an iterable of shard paths, in shard and member order.
 
-    for sample in shard_samples()({"url": u} for u in urls):
-        yield decode_sample(sample, sample["__url__"])
+    Without ``skipped`` the first damaged shard or sample raises `ShardError`; with a list,
+    the error's message is appended to it (and logged) and reading goes on with the next
+    sample (undecodable sample) or shard (missing or truncated shard).
+    """
+    from foundation.data.shards import ShardError, decode_sample, shard_samples
+
+    if skipped is None:
+        for sample in shard_samples()({"url": u} for u in urls):
+            yield decode_sample(sample, sample["__url__"])
+        return
+
+    def note(exc: ShardError) -> None:
+        log.warning("data.on_error=skip: %s", exc)
+        skipped.append(str(exc))
+
+    failed_in_a_row = 0
+    for url in urls:
+        good = False
+        try:
+            for sample in shard_samples()([{"url": url}]):
+                try:
+                    record = decode_sample(sample, url)
+                except ShardError as exc:
+                    note(exc)
+                    continue
+                good = True
+                yield record
+        except ShardError as exc:
+            note(exc)
+        failed_in_a_row = 0 if good else failed_in_a_row + 1
+        if failed_in_a_row >= MAX_FAILED_SHARDS_IN_A_ROW:
+            raise ShardError(
+                f"{failed_in_a_row} shard reads in a row gave no usable sample (last: {url}); "
+                "the dataset is broken as a whole: check data.root and rebuild it with "
+                "`foundation-data shard`."
+            )
 
 
 def pack_by_edges(
@@ -112,6 +161,7 @@ class _GraphStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         optional: Sequence[str] = (),
+        on_error: str = "stop",
     ):
         self.shards = list(shards)
         self.basis = basis
@@ -121,6 +171,18 @@ class _GraphStream(IterableDataset):
         self.max_structures = max_structures
         self.rank = rank
         self.world_size = world_size
+        self.on_error = on_error
+        self._skipped: list[str] | None = [] if on_error == "skip" else None
+
+    def _records(self, urls: Iterable[str]) -> Iterator[HamiltonianRecord]:
+        return _read_records(urls, self._skipped)
+
+    def _with_skips(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Attach (and forget) the skips noted since this stream's previous batch."""
+        if self._skipped:
+            out[SKIPPED] = list(self._skipped)
+            self._skipped.clear()
+        return out
 
     def _collate(self, records: list[HamiltonianRecord]) -> dict[str, torch.Tensor]:
         universal = self.basis.universal
@@ -172,7 +234,7 @@ class TrainStream(_GraphStream):
             while True:
                 yield shards[rng.randrange(len(shards))]
 
-        records = _read_records(resampled())
+        records = self._records(resampled())
         if self.shuffle_buffer > 1:
             records = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
                 records
@@ -203,7 +265,7 @@ class TrainStream(_GraphStream):
                 continue
             out = self._collate(batch)
             out[BATCH_POSITION] = torch.tensor([self.epoch, index], dtype=torch.long)
-            yield out
+            yield self._with_skips(out)
 
 
 class EvalStream(_GraphStream):
@@ -230,22 +292,22 @@ class EvalStream(_GraphStream):
         local = 0  # index of the next batch of this rank
         last = None
         n_batches = 0
-        for k, batch in enumerate(self._batches(_read_records(self.shards))):
+        for k, batch in enumerate(self._batches(self._records(self.shards))):
             n_batches = k + 1
             if k % self.world_size != self.rank:
                 continue
             if local % nw == w:
                 out = self._collate(batch)
                 out[EVAL_WEIGHT] = torch.ones(1)
-                yield out
+                yield self._with_skips(out)
             local += 1
             last = batch
         per_rank = -(-n_batches // self.world_size)
         if local < per_rank and local % nw == w:
-            pad = last if last is not None else next(self._batches(_read_records(self.shards)))
+            pad = last if last is not None else next(self._batches(self._records(self.shards)))
             out = self._collate(pad)
             out[EVAL_WEIGHT] = torch.zeros(1)
-            yield out
+            yield self._with_skips(out)
 
 
 class _TrainLoader(DataLoader):
@@ -280,6 +342,8 @@ class ShardDataModule(pl.LightningDataModule):
             ``root`` (split ``split``, default train) into every train batch, ``fraction``
             (default 0.25) of the edge budget, e.g. pretraining data while fine-tuning on
             new targets; its basis must agree with this dataset's on shared elements.
+        on_error: ``stop`` (default) or ``skip`` damaged shards and samples (see the module
+            docstring); skips are counted in ``skipped``, logged and listed in the run summary.
     """
 
     def __init__(
@@ -295,6 +359,7 @@ class ShardDataModule(pl.LightningDataModule):
         verify: bool = True,
         splits: Sequence[str] = ("train", "val", "test"),
         replay: Mapping[str, Any] | None = None,
+        on_error: str = "stop",
     ):
         super().__init__()
         from foundation.data.shards import read_manifest
@@ -309,6 +374,14 @@ class ShardDataModule(pl.LightningDataModule):
             )
         if max_edges <= 0 or steps_per_epoch <= 0:
             raise DataConfigError("data.max_edges and data.steps_per_epoch must be positive.")
+        if on_error not in ON_ERROR:
+            raise DataConfigError(f"data.on_error={on_error!r}: must be one of {ON_ERROR}.")
+        self.on_error = on_error
+        self.skipped: dict[str, int] = {}
+        """Message of each skipped shard or sample → times it was skipped (this rank)."""
+        self._excluded: dict[str, str] = {}  # shard path → its split, left out at setup
+        self._verified = False
+        self._logged_skips = 0
         self.manifest = read_manifest(self.root)
         self.targets = tuple(targets)
         missing = [
@@ -393,7 +466,8 @@ class ShardDataModule(pl.LightningDataModule):
     def shards(self, stage: str) -> list[str]:
         from foundation.data.shards import shard_paths
 
-        return [str(p) for p in shard_paths(self.root, self.split_names[stage])]
+        paths = [str(p) for p in shard_paths(self.root, self.split_names[stage])]
+        return [p for p in paths if p not in self._excluded]
 
     def _ranks(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -401,12 +475,53 @@ class ShardDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ lightning hooks
     def setup(self, stage: str | None = None) -> None:
-        if self.verify and stage in (None, "fit"):
-            from foundation.data.shards import verify_dataset
-
-            verify_dataset(self.root)
+        """Verify the shards once (foundation-train calls it before fitting the target
+        statistics, Lightning again at fit)."""
+        if self.verify and stage in (None, "fit") and not self._verified:
+            self._verify(self.root)
             if self.replay is not None:
-                verify_dataset(self.replay["root"])
+                self._verify(self.replay["root"])
+            self._verified = True
+
+    def _verify(self, root: Path) -> None:
+        """Checksums of every shard of ``root``: stop at the first bad one, or (``skip``)
+        leave the bad ones out, counted, as long as every split keeps a shard."""
+        from foundation.data.shards import ShardError, verify_dataset
+
+        def bad(split: str, path: Path, exc: ShardError) -> None:
+            if self.on_error == "stop":
+                raise ShardError(
+                    f"{exc} Or set data.on_error=skip to go on without this shard's samples."
+                ) from None
+            self._excluded[str(path)] = split
+            self._note_skips([f"{exc} (the whole shard is left out)"])
+
+        verify_dataset(root, on_bad=bad)
+        if root == self.root:
+            for stage in self.split_names:
+                if not self.shards(stage):
+                    raise DataConfigError(
+                        f"{self.root}: every shard of split {self.split_names[stage]!r} is "
+                        "missing or damaged (data.on_error=skip has nothing left); rebuild the "
+                        "dataset with `foundation-data shard`."
+                    )
+
+    def _note_skips(self, messages: Sequence[str]) -> None:
+        """Count skipped data and warn once per new message."""
+        for message in messages:
+            if message not in self.skipped:
+                log.warning("data.on_error=skip: %s", message)
+            self.skipped[message] = self.skipped.get(message, 0) + 1
+
+    def _log_skips(self) -> None:
+        """Tell the trainer's loggers the number of skips so far (``data/skipped``) when it
+        changed (setup-time skips at the first batch)."""
+        total = sum(self.skipped.values())
+        trainer = self.trainer
+        if total != self._logged_skips and trainer is not None and trainer.loggers:
+            for logger in trainer.loggers:
+                logger.log_metrics({"data/skipped": float(total)}, step=trainer.global_step)
+            self._logged_skips = total
 
     def train_stream(self, rank: int = 0, world_size: int = 1) -> TrainStream:
         replay = {}
@@ -430,6 +545,7 @@ class ShardDataModule(pl.LightningDataModule):
             steps=self.steps_per_epoch,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
+            on_error=self.on_error,
             **replay,
         )
 
@@ -443,6 +559,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             split_policy=self.manifest.get("split_policy", {}),
+            on_error=self.on_error,
         )
 
     def _loader_kwargs(self) -> dict[str, Any]:
@@ -482,6 +599,8 @@ class ShardDataModule(pl.LightningDataModule):
         return epoch, skip
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        self._note_skips(batch.pop(SKIPPED, []))
+        self._log_skips()
         position = batch.pop(BATCH_POSITION, None)
         if position is not None:
             self._consumed = (int(position[0]), int(position[1]) + 1)

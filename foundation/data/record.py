@@ -312,6 +312,31 @@ class HamiltonianRecord:
                     f"and {self.n_edges} edges need {rows}{shape[-1]}: wrong basis, atom count "
                     "or truncated blocks."
                 )
+        self.check_finite()
+        rev = self.reverse_edge_index()
+        for name in [keys.H, keys.S, *DISPLACEMENT_TARGETS]:
+            if name not in arrays:
+                continue
+            for row in range(self.target_rows(name).shape[0]):
+                self._check_hermitian(name, row, rev, herm_atol)
+
+    def check_finite(self) -> None:
+        """Raise `RecordError` naming the structure and the atom, cell row or edge block where
+        positions, cell or a target hold NaN/Inf (shapes must already match the basis)."""
+        k = self.key
+        bad_atoms = np.flatnonzero(~np.isfinite(self.positions).all(1))
+        if len(bad_atoms):
+            raise RecordError(
+                f"{k}: non-finite position of atom {int(bad_atoms[0])} "
+                f"({self.positions[bad_atoms[0]].tolist()} Å); fix or drop the structure."
+            )
+        if not np.isfinite(self.cell).all():
+            raise RecordError(f"{k}: non-finite cell {self.cell.tolist()}; fix the structure.")
+        arrays = {keys.H: self.h, keys.S: self.s} | dict(self.extras)
+        for name, arr in arrays.items():
+            if arr is None:
+                continue
+            shape = self.target_shape(name)
             bad = np.argwhere(~np.isfinite(arr.reshape(-1, shape[-1])))
             if len(bad):
                 row, at = (int(x) for x in bad[0])
@@ -319,14 +344,9 @@ class HamiltonianRecord:
                 where = f" (displacement row {row})" if len(shape) == 2 else ""
                 raise RecordError(
                     f"{k}: '{name}' has a non-finite value in block of edge {e} "
-                    f"{self.edges[e].tolist()}{where}."
+                    f"{self.edges[e].tolist()}{where}; the DFT output is broken: recompute "
+                    "or drop the structure."
                 )
-        rev = self.reverse_edge_index()
-        for name in [keys.H, keys.S, *DISPLACEMENT_TARGETS]:
-            if name not in arrays:
-                continue
-            for row in range(self.target_rows(name).shape[0]):
-                self._check_hermitian(name, row, rev, herm_atol)
 
     def _check_hermitian(self, name: str, row: int, rev: np.ndarray, atol: float) -> None:
         """Block e of ``name`` (displacement ``row``) = transpose of its reverse edge's."""

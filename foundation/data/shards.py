@@ -40,7 +40,7 @@ import importlib.metadata
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -439,6 +439,7 @@ def write_shards(
     try:
         for record in records:
             check_key(record.key)
+            record.check_finite()  # NaN/Inf never reach a shard
             if record.key in seen:
                 raise ValueError(f"Duplicate record key {record.key!r}; keys must be unique.")
             seen.add(record.key)
@@ -590,16 +591,41 @@ def _verify_file(path: Path, expected: str) -> None:
     if actual != expected:
         raise ShardError(
             f"{path}: sha256 {actual[:16]}… does not match the manifest ({expected[:16]}…): "
-            f"the shard is corrupt, truncated or was modified; {_fix(dataset)}."
+            f"the shard is corrupt, truncated or was modified ({locate_damage(path)}); "
+            f"{_fix(dataset)}."
         )
 
 
-def verify_dataset(dataset_dir: str | os.PathLike) -> None:
-    """Check every shard against the manifest's sha256; raise `ShardError` naming the file."""
+def locate_damage(path: str | os.PathLike) -> str:
+    """Where reading a shard that fails its checksum breaks: the first sample that does not
+    decode or the sample after which the tar ends, else a note that every sample decodes (a
+    changed array value cannot be attributed to a sample without per-sample checksums)."""
+    path = Path(path)
+    try:
+        for sample in _shard_samples([{"url": str(path)}]):
+            decode_sample(sample, str(path))
+    except ShardError as exc:
+        reason = str(exc).removesuffix(f"; {_fix(path.parent.parent)}.")
+        return reason.removeprefix(f"{path}: ")
+    return "every sample still decodes: array values changed, so no sample of it can be trusted"
+
+
+def verify_dataset(
+    dataset_dir: str | os.PathLike,
+    on_bad: Callable[[str, Path, ShardError], None] | None = None,
+) -> None:
+    """Check every shard against the manifest's sha256; raise `ShardError` naming the file,
+    or, with ``on_bad``, call ``on_bad(split, path, error)`` for each bad shard and go on."""
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
-    for path, digest in _checksums(dataset_dir, manifest, manifest["splits"]).items():
-        _verify_file(Path(path), digest)
+    for split in manifest["splits"]:
+        for path, digest in _checksums(dataset_dir, manifest, [split]).items():
+            try:
+                _verify_file(Path(path), digest)
+            except ShardError as exc:
+                if on_bad is None:
+                    raise
+                on_bad(split, Path(path), exc)
 
 
 def decode_sample(sample: Mapping[str, bytes], origin: str) -> HamiltonianRecord:
@@ -794,6 +820,7 @@ __all__ = [
     "held_out_composition",
     "iter_records",
     "load_records",
+    "locate_damage",
     "policy_group",
     "read_manifest",
     "record_pipeline",

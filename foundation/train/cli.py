@@ -8,11 +8,12 @@ anything trains, with exit status 2 and a message that names the key or path and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ def fit_target_statistics(module: Any, datamodule: Any) -> None:
     if not (getattr(module, "fresh_model", False) and model.config.get("standardize")):
         return
     start = time.perf_counter()
+    datamodule.setup("fit")  # checksums first; with data.on_error=skip bad shards are left out
     records = sample_records(datamodule.shards("train"))
     fitted = fit_model_statistics(model, records, datamodule.targets)
     for name, stats in fitted.items():
@@ -190,8 +192,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
             t for t in module.targets if t != module.monitor_target
         ]
         out = Path(cfg.paths.output_dir)
-        log.info(summary(metrics, trainer.global_step, fit_s, out, targets))
+        skipped = getattr(datamodule, "skipped", {})
+        if skipped:
+            (out / "skipped_data.json").write_text(json.dumps(skipped, indent=1) + "\n")
+        line = summary(metrics, trainer.global_step, fit_s, out, targets)
+        log.info(line + faults_summary(skipped, getattr(module, "bad_steps", 0), out))
     return metrics
+
+
+def faults_summary(skipped: Mapping[str, int], bad_steps: int, out: Path, show: int = 5) -> str:
+    """What the run left out: data skipped under data.on_error=skip (each damaged shard or
+    sample once, the first ``show`` by name; all in ``skipped_data.json``) and optimizer
+    steps the NaN guard skipped. Empty when nothing was left out."""
+    parts = []
+    if skipped:
+        names = "; ".join(list(skipped)[:show])
+        more = f"; … {len(skipped) - show} more" if len(skipped) > show else ""
+        parts.append(
+            f" Skipped data (data.on_error=skip): {len(skipped)} damaged shard(s)/sample(s), "
+            f"{sum(skipped.values())} time(s) in all: {names}{more} "
+            f"(full list: {out / 'skipped_data.json'})."
+        )
+    if bad_steps:
+        parts.append(
+            f" Non-finite steps skipped by the NaN guard: {bad_steps} (task.max_bad_steps)."
+        )
+    return "".join(parts)
 
 
 def summary(
