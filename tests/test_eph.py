@@ -14,16 +14,12 @@ import numpy as np
 import pytest
 import scipy.constants
 import torch
-import yaml
 from ase import Atoms
 from ase.build import bulk
-from train_support import REPO, SHIPPED
+from train_support import tiny_float64_model
 
 from foundation import keys
-from foundation.basis import BasisSet
 from foundation.data.graph import structure_to_graph
-from foundation.data.shards import read_manifest
-from foundation.model import build_model
 from foundation.physics.eph import (
     cartesian_displacements,
     directional_derivative,
@@ -33,7 +29,6 @@ from foundation.physics.eph import (
     zero_point_displacement,
 )
 from foundation.physics.kspace import BlochHamiltonian, flatten_blocks
-from foundation.rotations import double_precision
 
 CUTOFF_A = 6.0
 SI_MASS_AMU = 28.0855
@@ -65,14 +60,10 @@ def si_atoms() -> Atoms:
 @pytest.fixture(scope="module")
 def model_and_graph(si_atoms):
     """Untrained tiny model (float64, 6 Å cutoff) on the pbe_mini basis + the Si graph."""
-    basis = BasisSet.from_dict(read_manifest(SHIPPED)["basis"])
-    cfg = yaml.safe_load((REPO / "conf" / "model" / "tiny.yaml").read_text())
-    torch.manual_seed(0)
-    with double_precision():
-        model = build_model(cfg, basis=basis, cutoff_A=CUTOFF_A, optimize_einsums=False).double()
+    model = tiny_float64_model(CUTOFF_A)
     a = si_atoms
     graph = structure_to_graph(
-        a.numbers, a.positions, a.cell[:], a.pbc, basis.universal, CUTOFF_A, dtype=torch.float64
+        a.numbers, a.positions, a.cell[:], a.pbc, model.universal, CUTOFF_A, dtype=torch.float64
     )
     return model, graph
 

@@ -137,3 +137,21 @@ class LossRecorder:
                     )
 
         return _Recorder()
+
+
+def tiny_float64_model(cutoff_A: float):
+    """Untrained tiny model (seed 0, float64 throughout: built under double precision) on the
+    pbe_mini basis with edges to ``cutoff_A``: derivative checks to float64 precision."""
+    import torch
+    import yaml
+
+    from foundation.basis import BasisSet
+    from foundation.data.shards import read_manifest
+    from foundation.model import build_model
+    from foundation.rotations import double_precision
+
+    basis = BasisSet.from_dict(read_manifest(SHIPPED)["basis"])
+    cfg = yaml.safe_load((REPO / "conf" / "model" / "tiny.yaml").read_text())
+    torch.manual_seed(0)
+    with double_precision():
+        return build_model(cfg, basis=basis, cutoff_A=cutoff_A, optimize_einsums=False).double()
