@@ -17,6 +17,16 @@ semiconductors. Records keep every edge with |r_ij| < 9 Å (see `CUTOFF_NOTE`).
     python scripts/generate_dataset.py --pack-only --records-dir data_shards/pbe_mini
                                                                     # re-split the shipped set
 
+``--preset main`` builds the broad set ``pbe_main`` instead (`foundation.data.recipes`: bulk
+prototypes, 8–32-atom defect/alloy supercells, slabs, 2D sheets, molecular crystals of 50
+elements; same basis, functional, 9 Å cutoff and k-spacing as pbe_mini). Its records go to
+``data_shards/pbe_main_records/<key>/`` (committed as they finish, so nothing computed is
+lost), cheapest structures first with every family early (`main_order`):
+
+    OMP_NUM_THREADS=1 nice -n 19 python scripts/generate_dataset.py --preset main --no-pack \
+        --workers 2                                                 # resumable
+    python scripts/generate_dataset.py --preset main --list
+
 Records go to ``work_records/pbe_mini/<key>/`` (gitignored, resumable: rerun to continue
 after an interruption); shards to ``data_shards/pbe_mini/`` with a test split that also
 holds out whole compositions (`TEST_COMPOSITIONS`, unseen compositions: every element of
@@ -104,6 +114,63 @@ PROTOTYPES: list[tuple[str, str, float, float | None, bool, int]] = [
 ]
 
 
+MAIN_NAME = "pbe_main"
+MAIN_SKIPPED = "skipped.json"
+"""In the records directory of ``--preset main``: structures left out before any PySCF run
+(an element the basis or the plane-wave cutoff table lacks), with the reason."""
+
+
+def main_cost(atoms: Atoms) -> float:
+    """Relative PySCF cost estimate used for ordering: irreducible SCF k-points × FFT grid
+    points (cell volume × cutoff^1.5) × atomic orbitals."""
+    from foundation.data.dft.pyscf import scf_kmesh
+    from foundation.data.recipes import orbital_count
+
+    nk = max(1, int(np.prod(scf_kmesh(np.asarray(atoms.cell), KSPACING, atoms.pbc))) // 2)
+    ke = max(KE_CUTOFF_HA.get(s, 200) for s in set(atoms.get_chemical_symbols()))
+    return nk * atoms.get_volume() * ke**1.5 * orbital_count(atoms)
+
+
+def main_order(structures: list[tuple[str, Atoms]], per_family: int = 3) -> list[tuple[str, Atoms]]:
+    """The ``per_family`` cheapest (`main_cost`) of every family first, then everything else
+    cheapest first: an interrupted generation has every family and the most structures."""
+    from foundation.data.recipes import family_of
+
+    ranked = sorted(structures, key=lambda s: (main_cost(s[1]), s[0]))
+    first: list[tuple[str, Atoms]] = []
+    for fam in dict.fromkeys(family_of(k) for k, _ in structures):
+        first += [s for s in ranked if family_of(s[0]) == fam][:per_family]
+    chosen = {k for k, _ in first}
+    return first + [s for s in ranked if s[0] not in chosen]
+
+
+def main_structures(seed: int = SEED) -> tuple[list[tuple[str, Atoms]], dict[str, str]]:
+    """(structures of ``--preset main`` in generation order, {key: reason} of those left out
+    because the basis or `KE_CUTOFF_HA` lacks one of their elements)."""
+    from pyscf.gto.basis import load
+
+    from foundation.data.recipes import main_structures as recipes
+
+    def reason(atoms: Atoms) -> str | None:
+        for el in sorted(set(atoms.get_chemical_symbols())):
+            try:
+                load(DEFAULT_BASIS, el)
+            except Exception:  # PySCF raises several types for a missing element
+                return f"element {el} is not in basis {DEFAULT_BASIS}"
+            if el not in KE_CUTOFF_HA:
+                return f"element {el} has no measured plane-wave cutoff in KE_CUTOFF_HA"
+        return None
+
+    kept, skipped = [], {}
+    for key, atoms in recipes(seed):
+        why = reason(atoms)
+        if why is None:
+            kept.append((key, atoms))
+        else:
+            skipped[key] = why
+    return main_order(kept), skipped
+
+
 def build_structures(seed: int = SEED) -> list[tuple[str, Atoms]]:
     """All (key, atoms) of the dataset, deterministic in ``seed``
     (`foundation.data.structures.perturbed_structures`)."""
@@ -163,20 +230,37 @@ def pack(structures: list[tuple[str, Atoms]], records_dir: Path, out_dir: Path, 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=("mini", "main"), default="mini",
+                    help="mini: the shipped pbe_mini; main: the broad pbe_main")  # fmt: skip
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument(
-        "--records-dir", type=Path, default=Path("work_records") / NAME,
+        "--records-dir", type=Path, default=None,
         help="records directory (or, with --pack-only, a shard dataset to re-split)",
     )  # fmt: skip
-    ap.add_argument("--out", type=Path, default=Path("data_shards") / NAME)
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--list", action="store_true", help="print the structures and exit")
     ap.add_argument("--pack-only", action="store_true", help="shard existing records only")
     ap.add_argument("--no-pack", action="store_true", help="compute records, do not shard")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    structures = build_structures(args.seed)
+    main_preset = args.preset == "main"
+    name = MAIN_NAME if main_preset else NAME
+    if args.records_dir is None:
+        args.records_dir = (
+            Path("data_shards") / f"{MAIN_NAME}_records"
+            if main_preset
+            else Path("work_records") / NAME
+        )
+    args.out = args.out or Path("data_shards") / name
+    skipped: dict[str, str] = {}
+    if main_preset:
+        structures, skipped = main_structures(args.seed)
+        for key, why in skipped.items():
+            logging.warning("skipped %s: %s", key, why)
+    else:
+        structures = build_structures(args.seed)
     if args.list:
         for key, atoms in structures:
             print(
@@ -187,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         print(len(structures), "structures")
         return
+    if main_preset and not args.pack_only:
+        args.records_dir.mkdir(parents=True, exist_ok=True)
+        (args.records_dir / MAIN_SKIPPED).write_text(json.dumps(skipped, indent=1, sort_keys=True))
+    if main_preset and not args.no_pack:
+        ap.error("--preset main: packing into shards comes with the finished set; use --no-pack")
     if not args.pack_only:
         generate_dataset(
             structures, args.records_dir, workers=args.workers, cutoff_A=CUTOFF_A,

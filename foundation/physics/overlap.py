@@ -484,6 +484,6 @@ def record_overlap_error(tables: OverlapTables, record) -> float:
     exact = exact_overlap(tables, record.numbers, record.positions, record.cell, record.edges)
     mesh = record.meta.get("dense_kmesh")
     if mesh is not None:
-        weight = wigner_seitz_weights(record.edge_vectors(), record.cell, mesh)
+        weight = wigner_seitz_weights(record.edge_vectors(), record.cell, mesh, pbc=record.pbc)
         exact = exact * np.repeat(weight, _block_sizes(tables.basis, record.numbers, record.edges))
     return float(np.abs(record.s.astype(np.float64) - exact).max(initial=0.0))

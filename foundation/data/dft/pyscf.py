@@ -74,6 +74,9 @@ stored block lies ≥ margin (in practice more) away; ``meta["s_alias_error"]`` 
 is left. Measured at a 9 Å cutoff, max |S_FT − S_exact| for margin 8 / 11 / 14 Å: Ag (fcc,
 2 atoms) 8.6e-4 / 2.0e-6 / 1.2e-9, AgI 6.8e-4 / 2.5e-8 / 9e-15; Si 9e-9 at 8 Å. The
 diffuse 5s/5p tails of Ag, In, Sn, Pb need more than 8 Å."""
+DEFAULT_MIN_VACUUM_A = 10.0
+"""Å: smallest vacuum along a non-periodic axis (≥ the 9 Å edge cutoff, so no stored edge and
+no appreciable PySCF matrix element crosses it)."""
 DEFAULT_BAND_KPTS_FRAC = np.array(
     [[0.13, 0.29, 0.41], [0.37, 0.11, -0.23], [-0.21, 0.44, 0.07]], dtype=np.float64
 )
@@ -90,6 +93,10 @@ KE_CUTOFF_HA = {
     "Ge": 20, "As": 22, "Se": 25, "Br": 30,
     "Ag": 40, "In": 40, "Sn": 20, "Sb": 22, "Te": 25, "I": 30,
     "Pb": 20,
+    # Measured by scripts/ke_cutoff_scan.py (bench_results/ke_cutoff.json): one-atom fcc
+    # cell, bands up to two above the (half-)filled one within 3 meV of 160 Ha (F: 3.4 meV
+    # at 120 Ha, the highest candidate).
+    "H": 40, "Li": 60, "O": 100, "F": 120,
 }  # fmt: skip
 
 
@@ -110,35 +117,64 @@ def hartree_ev() -> float:
 
 
 # ----------------------------------------------------------------------------- k-meshes
-def scf_kmesh(cell: np.ndarray, kspacing: float = DEFAULT_KSPACING) -> tuple[int, int, int]:
-    """Γ-centred mesh with n_i = ceil(|b_i| / kspacing), |b_i| in Å⁻¹ with the 2π."""
+def scf_kmesh(
+    cell: np.ndarray, kspacing: float = DEFAULT_KSPACING, pbc: Sequence[bool] = (True,) * 3
+) -> tuple[int, int, int]:
+    """Γ-centred mesh with n_i = ceil(|b_i| / kspacing), |b_i| in Å⁻¹ with the 2π; 1 along
+    a non-periodic axis (a slab's normal)."""
     b = 2 * np.pi * np.linalg.inv(np.asarray(cell, dtype=np.float64)).T
-    return tuple(max(1, math.ceil(np.linalg.norm(bi) / kspacing - 1e-9)) for bi in b)
+    return tuple(
+        max(1, math.ceil(np.linalg.norm(bi) / kspacing - 1e-9)) if p else 1
+        for bi, p in zip(b, pbc, strict=True)
+    )
 
 
-def _shortest_vector(cell: np.ndarray, nmax: int = 2) -> float:
-    """Length of the shortest nonzero lattice vector (enumerates |n_i| ≤ nmax; exact for
-    the reduced-enough cells we build)."""
-    n = np.array([v for v in itertools.product(range(-nmax, nmax + 1), repeat=3) if any(v)])
+def _lattice_steps(nmax: int, pbc: Sequence[bool] = (True,) * 3) -> np.ndarray:
+    """Integer triples with |n_i| ≤ nmax along periodic axes and 0 along the others."""
+    ranges = [range(-nmax, nmax + 1) if p else (0,) for p in pbc]
+    return np.array(list(itertools.product(*ranges)), dtype=np.int64).reshape(-1, 3)
+
+
+def _shortest_vector(cell: np.ndarray, nmax: int = 2, pbc: Sequence[bool] = (True,) * 3) -> float:
+    """Length of the shortest nonzero lattice vector along the periodic axes (enumerates
+    |n_i| ≤ nmax; exact for the reduced-enough cells we build)."""
+    n = _lattice_steps(nmax, pbc)
+    n = n[np.any(n != 0, axis=1)]
     return float(np.min(np.linalg.norm(n @ cell, axis=1)))
 
 
 def dense_kmesh(
-    cell: np.ndarray, min_image_A: float, at_least: Sequence[int] = (1, 1, 1)
+    cell: np.ndarray,
+    min_image_A: float,
+    at_least: Sequence[int] = (1, 1, 1),
+    pbc: Sequence[bool] = (True,) * 3,
 ) -> tuple[int, int, int]:
     """Smallest Γ-centred mesh N (≥ `at_least`) whose BvK supercell (rows N_i a_i) has no
-    lattice vector shorter than `min_image_A`."""
+    lattice vector along the periodic axes shorter than `min_image_A` (N = 1 along the
+    others: a slab has no Fourier components across its vacuum)."""
     cell = np.asarray(cell, dtype=np.float64)
+    periodic = np.asarray(pbc, dtype=bool)
     mesh = np.array(
         [
-            max(int(m), math.ceil(min_image_A / np.linalg.norm(a) - 1e-9))
-            for m, a in zip(at_least, cell, strict=True)
+            max(int(m), math.ceil(min_image_A / np.linalg.norm(a) - 1e-9)) if p else 1
+            for m, a, p in zip(at_least, cell, periodic, strict=True)
         ]
     )
-    while _shortest_vector(mesh[:, None] * cell) < min_image_A - 1e-9:
-        lengths = mesh * np.linalg.norm(cell, axis=1)
+    while _shortest_vector(mesh[:, None] * cell, pbc=periodic) < min_image_A - 1e-9:
+        lengths = np.where(periodic, mesh * np.linalg.norm(cell, axis=1), np.inf)
         mesh[int(np.argmin(lengths))] += 1
     return tuple(int(m) for m in mesh)
+
+
+def vacuum_gap_A(atoms: ase.Atoms, axis: int) -> float:
+    """Empty space (Å) between the atoms and their periodic image along cell ``axis``,
+    measured normal to the other two cell vectors (the largest gap in fractional coordinate)."""
+    cell = np.asarray(atoms.cell, dtype=np.float64)
+    others = [cell[i] for i in range(3) if i != axis]
+    height = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(*others))
+    frac = np.sort(atoms.get_scaled_positions(wrap=False)[:, axis] % 1.0)
+    gaps = np.diff(np.concatenate([frac, frac[:1] + 1.0]))
+    return float(gaps.max() * height)
 
 
 def gamma_mesh_frac(mesh: Sequence[int]) -> np.ndarray:
@@ -162,15 +198,20 @@ def _time_reversal_pairs(mesh: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- Wigner–Seitz
 def wigner_seitz_weights(
-    vectors: np.ndarray, cell: np.ndarray, mesh: Sequence[int], tol: float = 1e-6
+    vectors: np.ndarray,
+    cell: np.ndarray,
+    mesh: Sequence[int],
+    tol: float = 1e-6,
+    pbc: Sequence[bool] = (True,) * 3,
 ) -> np.ndarray:
     """Weight of each edge vector r (Å) as an image inside the WS cell of the BvK supercell.
 
-    1 if r is the unique shortest of r + L (L a supercell lattice vector), 1/m if it ties
-    with m−1 others (they share the Fourier component), 0 if a shorter image exists.
+    1 if r is the unique shortest of r + L (L a supercell lattice vector along the periodic
+    axes), 1/m if it ties with m−1 others (they share the Fourier component), 0 if a
+    shorter image exists.
     """
     sup = np.asarray(mesh, dtype=np.float64)[:, None] * np.asarray(cell, dtype=np.float64)
-    shifts = np.array(list(itertools.product((-2, -1, 0, 1, 2), repeat=3))) @ sup
+    shifts = _lattice_steps(2, pbc) @ sup
     d = np.linalg.norm(vectors[:, None, :] + shifts[None], axis=2)
     d0 = np.linalg.norm(vectors, axis=1)
     ties = np.sum(d <= d0[:, None] + tol, axis=1)
@@ -427,9 +468,12 @@ def run_scf(
     conv_tol_grad: float | None = None,
     max_cycle: int = 100,
     dm0: object | None = None,
+    min_vacuum_A: float = DEFAULT_MIN_VACUUM_A,
 ) -> SCFResult:
     """Self-consistent KRKS on a Γ-centred ``kmesh`` (time-reversal-reduced); raises
-    `SCFNotConverged`. ``smearing_eV`` is the Fermi–Dirac kT (None: none, for insulators).
+    `SCFNotConverged`. A slab or sheet (``atoms.pbc`` false along an axis) runs as a 3-D
+    periodic cell with k-mesh 1 along that axis; its vacuum must be ≥ ``min_vacuum_A``
+    (ValueError otherwise), so images across it do not interact within the edge cutoff. ``smearing_eV`` is the Fermi–Dirac kT (None: none, for insulators).
     ``conv_tol`` (Ha) and ``conv_tol_grad`` (default √conv_tol) are PySCF's criteria; on a
     coarse FFT grid the orbital gradient has a floor (grid aliasing) that may need a looser
     ``conv_tol_grad``. ``dm0``: initial density matrix (e.g. a converged PBE one to start a
@@ -439,11 +483,17 @@ def run_scf(
     hartree = hartree_ev()
     t0 = time.perf_counter()
     atoms = atoms.copy()
-    if not np.all(atoms.pbc):
-        raise ValueError(f"{key}: PySCF records need a 3-D periodic structure (pbc={atoms.pbc}).")
+    for axis in np.flatnonzero(~np.asarray(atoms.pbc, dtype=bool)):
+        gap = vacuum_gap_A(atoms, int(axis))
+        if gap < min_vacuum_A:
+            raise ValueError(
+                f"{key}: pbc is false along cell axis {axis}, but the vacuum there is only "
+                f"{gap:.2f} Å (< {min_vacuum_A} Å): PySCF treats the cell as 3-D periodic, "
+                "so images across the vacuum would interact. Enlarge the cell along that axis."
+            )
     atoms.wrap()
     cell = build_cell(atoms, basis, pseudo, ke_cutoff_Ha)
-    kmesh = tuple(int(n) for n in (kmesh or scf_kmesh(np.asarray(atoms.cell), kspacing)))
+    kmesh = tuple(int(n) for n in (kmesh or scf_kmesh(np.asarray(atoms.cell), kspacing, atoms.pbc)))
     kpts = cell.make_kpts(kmesh, time_reversal_symmetry=True, space_group_symmetry=False)
     mf = dft.KRKS(cell, kpts)
     mf.xc = functional
@@ -490,11 +540,14 @@ def record_from_scf(
     # 2. Fock at the dense mesh (time-reversal representatives) and the band k-points
     dense_mesh = tuple(
         int(n)
-        for n in (dense_mesh or dense_kmesh(lattice, cutoff_A + alias_margin_A, at_least=scf.kmesh))
+        for n in (
+            dense_mesh
+            or dense_kmesh(lattice, cutoff_A + alias_margin_A, at_least=scf.kmesh, pbc=atoms.pbc)
+        )
     )
     band_frac = np.asarray(
         DEFAULT_BAND_KPTS_FRAC if band_kpts_frac is None else band_kpts_frac, dtype=np.float64
-    ).reshape(-1, 3)
+    ).reshape(-1, 3) * np.asarray(atoms.pbc, dtype=np.float64)  # k = 0 across a vacuum
     dense_frac = gamma_mesh_frac(dense_mesh)
     reps, rep_map = _time_reversal_pairs(dense_mesh)
     k_eval = np.concatenate([dense_frac[reps], band_frac])
@@ -514,7 +567,7 @@ def record_from_scf(
     # 3. edges and their Wigner–Seitz weights in the BvK supercell
     edges = neighbor_edges(atoms.numbers, atoms.positions, lattice, atoms.pbc, cutoff_A)
     vec = atoms.positions[edges[:, 1]] + edges[:, 2:5] @ lattice - atoms.positions[edges[:, 0]]
-    weight = wigner_seitz_weights(vec, lattice, dense_mesh)
+    weight = wigner_seitz_weights(vec, lattice, dense_mesh, pbc=atoms.pbc)
     edges, weight = edges[weight > 0], weight[weight > 0]
     shifts, inverse = np.unique(edges[:, 2:5], axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -739,7 +792,9 @@ def hamiltonian_derivatives(
     patterns = np.asarray(patterns, dtype=np.float64).reshape(-1, len(atoms), 3)
     reference = compute_record(atoms, key=key, **compute_kwargs)
     cell = reference.cell
-    weight = wigner_seitz_weights(reference.edge_vectors(), cell, reference.meta["dense_kmesh"])
+    weight = wigner_seitz_weights(
+        reference.edge_vectors(), cell, reference.meta["dense_kmesh"], pbc=reference.pbc
+    )
     if np.any(weight < 1.0):
         bad = reference.edges[int(np.argmin(weight))].tolist()
         raise ValueError(
