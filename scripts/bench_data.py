@@ -17,6 +17,14 @@ fresh; or a summary of the timings stored in already generated records.
     OMP_NUM_THREADS=1 python scripts/bench_data.py generation
     python scripts/bench_data.py generation --records work_records/pbe_mini
 
+``--preset main`` does the same for ``pbe_main`` (default keys: the cheapest structure of each
+family) and the summary groups seconds and band error by family and by atom count;
+``--set conv_tol=1e-8`` (repeatable) overrides a `compute_record` setting for an A/B run,
+and then also reports max |ΔH| against the default run of the same structure.
+
+    OMP_NUM_THREADS=1 python scripts/bench_data.py generation --preset main
+    python scripts/bench_data.py generation --preset main --records data_shards/pbe_main_records
+
 Results are merged into ``bench_results/bench_data.json`` under the keys ``"reader"``,
 ``"generation"`` (fresh runs) and ``"generation_records"`` (other keys of that file are kept).
 """
@@ -136,6 +144,16 @@ REPRESENTATIVE = ["Si-diamond-00", "AlAs-zincblende-00", "PbTe-rocksalt-00", "Al
                   "AgBr-rocksalt-00", "InP-wurtzite-00"]  # fmt: skip
 
 
+SIZE_BINS = ((1, 4), (5, 7), (8, 16), (17, 32))
+
+
+def _family(key: str) -> str:
+    """pbe_main family of a key (its first part), or ``pbe_mini`` for that set's keys."""
+    from foundation.data.recipes import FAMILIES, family_of
+
+    return family_of(key) if family_of(key) in FAMILIES else "pbe_mini"
+
+
 def _generation_row(record) -> dict:
     from foundation.data.dft.pyscf import band_errors_meV
 
@@ -143,6 +161,8 @@ def _generation_row(record) -> dict:
     err = band_errors_meV(record)
     return {
         "key": record.key,
+        "family": _family(record.key),
+        "smearing_eV": m.get("smearing_eV"),
         "atoms": record.n_atoms,
         "orbitals": int(record.n_orb_per_atom.sum()),
         "edges": record.n_edges,
@@ -158,12 +178,52 @@ def _generation_row(record) -> dict:
     }
 
 
-def bench_generation(keys: Sequence[str] = REPRESENTATIVE, records_dir: Path | None = None) -> dict:
+def summarize_generation(rows: Sequence[dict]) -> dict:
+    """Median/sum seconds and median/max band error (occupied, meV) by family and size bin."""
+
+    def stats(sel: list[dict]) -> dict:
+        t = [r["total_s"] for r in sel]
+        e = [r["band_err_occ_meV"] for r in sel]
+        f = [r["band_err_first_empty_meV"] for r in sel]
+        return {
+            "n": len(sel), "median_s": statistics.median(t), "sum_s": sum(t),
+            "median_band_err_occ_meV": statistics.median(e), "max_band_err_occ_meV": max(e),
+            "median_band_err_first_empty_meV": statistics.median(f),
+            "max_band_err_first_empty_meV": max(f),
+        }  # fmt: skip
+
+    by_family = {}
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        by_family[fam] = stats([r for r in rows if r["family"] == fam])
+    by_size = {}
+    for lo, hi in SIZE_BINS:
+        sel = [r for r in rows if lo <= r["atoms"] <= hi]
+        if sel:
+            by_size[f"{lo}-{hi}"] = stats(sel)
+    return {"by_family": by_family, "by_atoms": by_size}
+
+
+def _max_h_difference_meV(a, b) -> float | None:
+    """max |H_a − H_b| (meV, absolute H) on the same edges, None if the edges differ."""
+    import numpy as np
+
+    if not np.array_equal(a.edges, b.edges):
+        return None
+    return float(np.abs(a.absolute_h() - b.absolute_h()).max() * 1000)
+
+
+def bench_generation(
+    keys: Sequence[str] | None = None,
+    records_dir: Path | None = None,
+    preset: str = "mini",
+    overrides: dict | None = None,
+) -> dict:
     """Per-structure generation time and band error.
 
     Without ``records_dir``: compute the listed structures of `generate_dataset.py` afresh
-    (its seed and settings; no files written). With it: summarise every record there from
-    the timings stored in its meta (no PySCF run).
+    (its seed and settings for ``preset``; no files written); with ``overrides`` each is
+    also run with those settings changed and max |ΔH| is reported. With ``records_dir``:
+    summarise every record there from the timings stored in its meta (no PySCF run).
     """
     from foundation.data.record import HamiltonianRecord
 
@@ -179,10 +239,17 @@ def bench_generation(keys: Sequence[str] = REPRESENTATIVE, records_dir: Path | N
         import generate_dataset as gd
 
         from foundation.data.dft.pyscf import PER_STRUCTURE_KWARGS, compute_record
+        from foundation.data.recipes import family_of
 
-        structures = dict(gd.build_structures(gd.SEED))
+        if preset == "main":
+            ordered, _ = gd.main_structures(gd.SEED)
+            structures = dict(ordered)
+            if keys is None:  # the cheapest structure of each family
+                keys = list({family_of(k): k for k, _ in reversed(ordered)}.values())
+        else:
+            structures = dict(gd.build_structures(gd.SEED))
         rows = []
-        for key in keys:
+        for key in keys or REPRESENTATIVE:
             atoms = structures[key]
             kw = {
                 "cutoff_A": gd.CUTOFF_A,
@@ -190,16 +257,25 @@ def bench_generation(keys: Sequence[str] = REPRESENTATIVE, records_dir: Path | N
                 "alias_margin_A": gd.ALIAS_MARGIN_A,
             }
             kw |= atoms.info.get(PER_STRUCTURE_KWARGS, {})
-            rows.append(_generation_row(compute_record(atoms, key=key, **kw)))
-        source = "fresh compute_record runs (scripts/generate_dataset.py settings)"
+            record = compute_record(atoms, key=key, **kw)
+            rows.append(_generation_row(record))
+            if overrides:
+                other = compute_record(atoms, key=key, **(kw | overrides))
+                rows[-1]["override"] = _generation_row(other) | {
+                    "settings": overrides,
+                    "max_abs_dH_meV": _max_h_difference_meV(record, other),
+                }
+        source = f"fresh compute_record runs (scripts/generate_dataset.py --preset {preset})"
     totals = [r["total_s"] for r in rows]
     return {
         "source": source,
         "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "machine": f"{platform.node()} · {os.cpu_count()} CPUs",
+        "load_average": os.getloadavg(),
         "n": len(rows),
         "median_total_s": statistics.median(totals) if totals else None,
         "sum_total_s": sum(totals),
+        "summary": summarize_generation(rows) if rows else {},
         "results": rows,
     }
 
@@ -222,6 +298,23 @@ def print_generation_table(result: dict) -> None:
         print(
             f"  median {result['median_total_s']:.1f} s/structure, total {result['sum_total_s'] / 60:.1f} min"
         )
+    for name, groups in result.get("summary", {}).items():
+        print(
+            f"  {name}: {'n':>4} {'median s':>9} {'sum h':>6} {'occ meV med/max':>16} {'empty meV med/max':>18}"
+        )
+        for g, v in groups.items():
+            print(
+                f"  {g:<14} {v['n']:>4} {v['median_s']:>9.1f} {v['sum_s'] / 3600:>6.2f} "
+                f"{v['median_band_err_occ_meV']:>7.2f}/{v['max_band_err_occ_meV']:<8.2f} "
+                f"{v['median_band_err_first_empty_meV']:>8.2f}/{v['max_band_err_first_empty_meV']:<8.2f}"
+            )
+    for r in result["results"]:
+        if "override" in r:
+            o = r["override"]
+            print(
+                f"  {r['key']} with {o['settings']}: {o['total_s']:.1f} s (default {r['total_s']:.1f}), "
+                f"max |ΔH| {o['max_abs_dH_meV']} meV, occ band err {o['band_err_occ_meV']:.2f} meV"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -234,14 +327,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     g = sub.add_parser("generation", help="PySCF seconds per structure and band error")
-    g.add_argument("--keys", nargs="+", default=REPRESENTATIVE, help="structures to compute")
+    g.add_argument("--keys", nargs="+", help="structures to compute (default: per preset)")
+    g.add_argument("--preset", choices=("mini", "main"), default="mini")
+    g.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="A/B: also run with this compute_record setting (float)")  # fmt: skip
     g.add_argument("--records", type=Path, help="summarise stored records instead of computing")
     g.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     if args.command == "generation":
-        result = bench_generation(args.keys, records_dir=args.records)
+        overrides = {k: float(v) for k, v in (item.split("=", 1) for item in args.set)}
+        result = bench_generation(args.keys, args.records, args.preset, overrides)
         print_generation_table(result)
-        merge_json(args.json, "generation_records" if args.records else "generation", result)
+        name = "generation_records" if args.records else "generation"
+        merge_json(args.json, name if args.preset == "mini" else f"{name}_main", result)
         print(f"wrote {args.json}")
     if args.command == "reader":
         with tempfile.TemporaryDirectory() as tmp:

@@ -3,11 +3,11 @@
 Why: an element missing from `foundation.data.dft.pyscf.KE_CUTOFF_HA` falls back to PySCF's
 precision-derived grid, which is often 10–50× larger than needed (DESIGN.md §3). For each
 element: a one-atom fcc cell (nearest-neighbour distance 2 × covalent radius, at least 2 Å),
-PBE with Fermi smearing 0.1 eV on a 2×2×2 mesh, at a reference cutoff and then at increasing
-candidates; the chosen cutoff is the first candidate whose eigenvalues (every band up to two
-above the highest (half-)filled one, at 2 off-mesh k-points, absolute) move by at most ``tol_meV`` against
-the reference. The hardness of a GTH pseudopotential is a property of the atom, so the
-one-atom cell is a fair (and cheap) probe.
+PBE with Fermi smearing 0.1 eV on a 2×2×2 mesh, at a reference cutoff and then at candidate
+cutoffs (bisection); the chosen cutoff is the lowest candidate whose eigenvalues (every band
+up to two above the highest (half-)filled one, at 2 off-mesh k-points, absolute) move by at
+most ``tol_meV`` against the reference. The hardness of a GTH pseudopotential is a property
+of the atom, so the one-atom cell is a fair (and cheap) probe.
 
     OMP_NUM_THREADS=1 python scripts/ke_cutoff_scan.py H Li O F Ti     # → bench_results/ke_cutoff.json
 
@@ -54,25 +54,30 @@ def bands_at(symbol: str, ke_Ha: float) -> tuple[np.ndarray, int, list[int], flo
 
 
 def scan(symbol: str, tol_meV: float) -> dict:
+    """Reference run, then bisection over `CANDIDATES_HA` for the lowest candidate within
+    ``tol_meV`` (band change falls monotonically with the cutoff), ~3 runs instead of 8."""
     ref, n_electrons, ref_mesh, ref_s = bands_at(symbol, REFERENCE_HA)
     n_bands = min(ref.shape[1], (n_electrons + 1) // 2 + 2)  # half-filled band + 2 above
     rows = []
-    chosen = None
-    for ke in CANDIDATES_HA:
+    lo, hi = 0, len(CANDIDATES_HA)  # answer index in [lo, hi]; hi = none passes
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ke = CANDIDATES_HA[mid]
         eig, _, mesh, s = bands_at(symbol, ke)
         err = float(np.max(np.abs(eig[:, :n_bands] - ref[:, :n_bands]))) * 1000
         rows.append({"ke_Ha": ke, "max_band_change_meV": err, "fft_mesh": mesh, "seconds": s})
         print(f"{symbol:>2} {ke:>4} Ha  {err:9.2f} meV  mesh {mesh}  {s:6.1f} s", flush=True)
         if err <= tol_meV:
-            chosen = ke
-            break
+            hi = mid
+        else:
+            lo = mid + 1
     return {
-        "chosen_ke_Ha": chosen,
+        "chosen_ke_Ha": CANDIDATES_HA[lo] if lo < len(CANDIDATES_HA) else None,
         "reference_Ha": REFERENCE_HA,
         "reference_mesh": ref_mesh,
         "reference_s": ref_s,
         "bands_compared": n_bands,
-        "scan": rows,
+        "scan": sorted(rows, key=lambda r: r["ke_Ha"]),
     }
 
 
