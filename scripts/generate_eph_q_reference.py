@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,12 +60,17 @@ def primitive_cells() -> dict[str, Atoms]:
     }
 
 
-CASES = [  # (key, primitive, supercell repetitions, compute phonons)
-    ("Si-ideal-222", "Si-diamond-ideal", (2, 2, 2), True),
-    ("Si-heldout-222", "Si-diamond-heldout", (2, 2, 2), False),
-    ("Si-ideal-124", "Si-diamond-ideal", (1, 2, 4), False),
-    ("AlP-ideal-222", "AlP-zincblende-ideal", (2, 2, 2), True),
-]
+CASES = [  # (key, primitive, supercell, phonons?, q of the reference, modes of)
+    ("Si-ideal-222", "Si-diamond-ideal", (2, 2, 2), True, [[0, 0.5, 0.5], [0.5, 0, 0]], "Si-ideal-222"),
+    ("Si-heldout-222", "Si-diamond-heldout", (2, 2, 2), False, [[0, 0.5, 0.5], [0.5, 0.5, 0.5]], "Si-ideal-222"),
+    ("Si-ideal-124", "Si-diamond-ideal", (1, 2, 4), False, [[0, 0.5, 0.25], [0, 0, 0.25]], "Si-ideal-222"),
+    ("AlP-ideal-222", "AlP-zincblende-ideal", (2, 2, 2), True, [[0, 0.5, 0.5], [0.5, 0, 0]], "AlP-ideal-222"),
+]  # fmt: skip
+"""q (fractional, primitive reciprocal basis): (0, ½, ½) is X and (½, 0, 0), (½, ½, ½) are L
+points of the fcc zone (zone boundary); in the rattled held-out cell no symmetry is left;
+(0, ½, ¼) of the 1×2×4 supercell is a general point. Modes: the phonons of the named case
+(the held-out and 1×2×4 cells use the ideal Si force constants: patterns, the same on
+both sides of the comparison)."""
 
 
 def compute_case(key: str, primitive: Atoms, reps: tuple, phonons: bool, out: Path) -> None:
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cells = primitive_cells()
     if not args.pack_only:
-        for key, prim, reps, phonons in CASES:
+        for key, prim, reps, phonons, _, _ in CASES:
             if args.only and key not in args.only:
                 continue
             t0 = time.perf_counter()
@@ -122,9 +128,17 @@ def main(argv: list[str] | None = None) -> None:
             logging.info("%s: %.0f s", key, time.perf_counter() - t0)
     from foundation.physics.eph_q_validation import save_reference
 
-    for key, prim, reps, _ in CASES:
-        if (args.records_dir / key / "structure.json").is_file():
-            save_reference(args.records_dir / key, cells[prim], args.out / key)
+    for key, prim, _, _, qpoints, modes in CASES:
+        folder = args.records_dir / key
+        if not (folder / "info.json").is_file():
+            continue
+        args.out.mkdir(parents=True, exist_ok=True)
+        if (folder / "phonopy_params.yaml").is_file():
+            shutil.copyfile(folder / "phonopy_params.yaml", args.out / f"{key}.phonopy.yaml")
+        meta = save_reference(
+            folder, cells[prim], args.out / key, np.array(qpoints), f"{modes}.phonopy.yaml"
+        )
+        logging.info("%s: packed (∂S exact vs FD %.1e)", key, meta["ds_exact_vs_fd_relative"])
 
 
 if __name__ == "__main__":

@@ -207,11 +207,51 @@ def couplings(
     patterns: np.ndarray,
     frequencies_THz: np.ndarray,
     bands: slice | Sequence[int] | None = None,
+    q_chunk: int = 64,
 ) -> QCouplings:
     """g_mnν(k, q) (module notes) of the primitive H(R), S(R) (flat ``h``, ``s`` on
     ``layout``) with the derivative kernels of H and S, at K k-points and Q commensurate
     q-points for the mode ``patterns`` (Q, M, N, 3) of frequencies (Q, M) THz. ``bands``:
-    bands kept for m and n (default all). Batched over k; q one at a time."""
+    bands kept for m and n (default all). Batched over k, and over q in chunks of
+    ``q_chunk`` (bounds the (q, 3N, total) phase sums in memory)."""
+    qpts = np.asarray(qpoints_frac, dtype=np.float64).reshape(-1, 3)
+    patterns = np.asarray(patterns).reshape(len(qpts), -1, *np.shape(patterns)[-2:])
+    frequencies_THz = np.asarray(frequencies_THz).reshape(len(qpts), -1)
+    parts = [
+        couplings_from_blocks(
+            layout,
+            h,
+            s,
+            kpoints_frac,
+            qpts[sl],
+            kernel_h.at(qpts[sl], patterns[sl]),
+            kernel_s.at(qpts[sl], patterns[sl]),
+            frequencies_THz[sl],
+            bands,
+        )  # fmt: skip
+        for sl in (slice(a, a + q_chunk) for a in range(0, len(qpts), q_chunk))
+    ]
+    first = parts[0]
+    return QCouplings(
+        first.kpoints_frac, qpts, first.eps_k,
+        np.concatenate([p.eps_kq for p in parts]), frequencies_THz,
+        np.concatenate([p.g_eV for p in parts]),
+    )  # fmt: skip
+
+
+def couplings_from_blocks(
+    layout: BlockLayout,
+    h: np.ndarray,
+    s: np.ndarray,
+    kpoints_frac: np.ndarray,
+    qpoints_frac: np.ndarray,
+    dh_q: np.ndarray,
+    ds_q: np.ndarray,
+    frequencies_THz: np.ndarray,
+    bands: slice | Sequence[int] | None = None,
+) -> QCouplings:
+    """`couplings` from phase-summed blocks X^q(R) already taken along the modes: ``dh_q``,
+    ``ds_q`` (Q, M, total) complex (`DerivativeKernel.at`)."""
     kpts = np.asarray(kpoints_frac, dtype=np.float64).reshape(-1, 3)
     qpts = np.asarray(qpoints_frac, dtype=np.float64).reshape(-1, 3)
     space = RealSpaceMatrices(layout)
@@ -223,13 +263,11 @@ def couplings(
         return eps[:, bands], c[:, :, bands]
 
     eps_k, c_k = eigen(kpts)
-    xh_all = kernel_h.at(qpts, patterns)
-    xs_all = kernel_s.at(qpts, patterns)
     g, eps_kq = [], []
     for iq, q in enumerate(qpts):
         e_kq, c_kq = eigen(kpts + q)
-        xh = space.at(space.real_space(xh_all[iq]), kpts)  # (M, K, n, n)
-        xs = space.at(space.real_space(xs_all[iq]), kpts)
+        xh = space.at(space.real_space(dh_q[iq]), kpts)  # (M, K, n, n)
+        xs = space.at(space.real_space(ds_q[iq]), kpts)
         gh = np.einsum("kam,Mkab,kbn->kMmn", c_kq.conj(), xh, c_k, optimize=True)
         gs = np.einsum("kam,Mkab,kbn->kMmn", c_kq.conj(), xs, c_k, optimize=True)
         g.append(gh - gs * eps_k[:, None, None, :])
@@ -255,6 +293,13 @@ class Kernels:
             self.layout, self.h, self.s, self.kernel_h, self.kernel_s, kpoints_frac,
             qpoints_frac, patterns, frequencies_THz, bands,
         )  # fmt: skip
+
+    def eigenvalues(self, kpoints_frac: np.ndarray) -> np.ndarray:
+        """(K, n) band energies (eV, the model's energy zero) at fractional k."""
+        space = RealSpaceMatrices(self.layout)
+        hr, sr = space.real_space(self.h), space.real_space(self.s)
+        points = np.asarray(kpoints_frac, dtype=np.float64).reshape(-1, 3)
+        return solve_batched(space.at(hr, points), space.at(sr, points))[0]
 
 
 def _model_graph(model, atoms: Atoms, key: str):
@@ -288,11 +333,7 @@ def model_kernels(
 
     from foundation.physics.eph import cartesian_displacements, model_hamiltonian_derivative
     from foundation.physics.kspace import orbitals_per_atom
-    from foundation.physics.overlap import (
-        edge_displacements,
-        exact_overlap,
-        exact_overlap_derivative,
-    )
+    from foundation.physics.overlap import edge_displacements, exact_overlap
     from foundation.physics.predict import _tables, padded_to_flat
 
     n_orb = orbitals_per_atom(primitive.numbers, model.basis)
@@ -312,12 +353,31 @@ def model_kernels(
     s = exact_overlap(
         tables, primitive.numbers, primitive.positions, np.asarray(primitive.cell), edges
     )
-    ds = exact_overlap_derivative(tables, sc.numbers, sc.positions, cell_sc, edges_sc, patterns)
     layout = BlockLayout(n_orb, edges)
-    kernel = lambda d: DerivativeKernel.from_supercell(  # noqa: E731
-        primitive, reps, layout, sc.positions, edges_sc, d
-    )
-    return Kernels(primitive, layout, h, s, kernel(dh), kernel(ds))
+    kernel_h = DerivativeKernel.from_supercell(primitive, reps, layout, sc.positions, edges_sc, dh)
+    kernel_s = exact_overlap_kernel(tables, primitive, reps, layout, sc.positions, edges_sc)
+    return Kernels(primitive, layout, h, s, kernel_h, kernel_s)
+
+
+def exact_overlap_kernel(
+    tables,
+    primitive: Atoms,
+    reps: Sequence[int],
+    layout: BlockLayout,
+    positions_sc: np.ndarray,
+    edges_sc: np.ndarray,
+) -> DerivativeKernel:
+    """`DerivativeKernel` of the exact S (two-center ``tables``, `OverlapTables`) on the
+    supercell ``reps`` of ``primitive`` with atoms at ``positions_sc`` and ``edges_sc``."""
+    from foundation.physics.eph import cartesian_displacements
+    from foundation.physics.overlap import exact_overlap_derivative
+
+    reps = supercell_reps(reps)
+    numbers = np.tile(primitive.numbers, int(np.prod(reps)))
+    cell_sc = reps[:, None] * np.asarray(primitive.cell)
+    patterns = cartesian_displacements(len(numbers), range(len(primitive)))
+    ds = exact_overlap_derivative(tables, numbers, positions_sc, cell_sc, edges_sc, patterns)
+    return DerivativeKernel.from_supercell(primitive, reps, layout, positions_sc, edges_sc, ds)
 
 
 __all__ = [
@@ -326,6 +386,8 @@ __all__ = [
     "QCouplings",
     "RealSpaceMatrices",
     "couplings",
+    "couplings_from_blocks",
+    "exact_overlap_kernel",
     "model_kernels",
     "solve_batched",
 ]
