@@ -277,9 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     if main_preset and not args.no_pack:
         ap.error("--preset main: packing into shards comes with the finished set; use --no-pack")
     if not args.pack_only:
+        retry = {} if not main_preset else {"retry_failed": False}  # failures.json keeps reasons
         generate_dataset(
             structures, args.records_dir, workers=args.workers, cutoff_A=CUTOFF_A,
-            kspacing=KSPACING, alias_margin_A=ALIAS_MARGIN_A,
+            kspacing=KSPACING, alias_margin_A=ALIAS_MARGIN_A, **retry,
         )  # fmt: skip
     if not args.no_pack:
         manifest = pack(structures, args.records_dir, args.out, args.seed)

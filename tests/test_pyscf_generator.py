@@ -191,6 +191,26 @@ def test_generate_dataset_resumes_and_reports_failures(tmp_path, fake_compute):
     assert [k for k, _ in calls] == ["bad"]  # done keys skipped, the failed one retried
 
 
+def test_generate_dataset_failures_accumulate_over_resumed_runs(tmp_path, fake_compute):
+    """An earlier failure stays in failures.json when a resumed run does not reach it, and
+    retry_failed=False does not run it again; a key that later succeeds leaves the report."""
+    calls, structures = fake_compute
+    gen.generate_dataset(structures, tmp_path, cutoff_A=6.0)
+    calls.clear()
+    gen.generate_dataset(structures, tmp_path, cutoff_A=6.0, retry_failed=False)
+    assert calls == []
+    assert "SCF exploded" in json.loads((tmp_path / "failures.json").read_text())["bad"]
+    gen.generate_dataset([structures[0]], tmp_path, cutoff_A=6.0)  # "bad" not in this run
+    assert list(json.loads((tmp_path / "failures.json").read_text())) == ["bad"]
+
+    def fixed(atoms, *, key, **kw):  # the "bad" structure now converges
+        return gen.compute_record(atoms, key="a", **kw)
+
+    gen.generate_dataset([structures[1]], tmp_path, cutoff_A=6.0, compute=fixed)
+    assert json.loads((tmp_path / "failures.json").read_text()) == {}
+    assert (tmp_path / "bad" / "structure.json").is_file()
+
+
 @pytest.mark.multiprocess
 def test_generate_dataset_process_pool(tmp_path, fake_compute):
     """workers > 1: the same records and failure report (forked workers inherit the fake)."""

@@ -862,6 +862,7 @@ def generate_dataset(
     *,
     workers: int = 1,
     resume: bool = True,
+    retry_failed: bool = True,
     compute: Callable[..., HamiltonianRecord] | None = None,
     **compute_kwargs,
 ) -> list[Path]:
@@ -875,6 +876,10 @@ def generate_dataset(
     function, so worker processes can import it); ``compute_kwargs`` go to it;
     ``atoms.info["pyscf"]`` overrides them per structure. Returns the record directories
     that exist at the end, in input order.
+
+    ``failures.json`` accumulates over resumed runs: a failure recorded by an earlier run
+    stays listed until its key succeeds; with ``retry_failed=False`` such keys are not run
+    again (an SCF that did not converge would fail the same way at every restart).
     """
     import json
 
@@ -887,13 +892,20 @@ def generate_dataset(
         dup = sorted({k for k in keys_in if keys_in.count(k) > 1})
         raise ValueError(f"generate_dataset: duplicate structure keys {dup[:5]}.")
     done = {k for k in keys_in if resume and (out / k / "structure.json").is_file()}
+    failed_before = json.loads((out / "failures.json").read_text()) if resume and (
+        out / "failures.json"
+    ).is_file() else {}  # fmt: skip
+    failures = {k: v for k, v in failed_before.items() if k not in done}
     todo = [(k, a) for k, a in structures if k not in done]
-    failures: dict[str, str] = {}
+    if not retry_failed:
+        todo = [(k, a) for k, a in todo if k not in failures]
+        done |= set(failures)
     bar = tqdm(total=len(structures), initial=len(done), desc="PySCF records", unit="structure")
 
     def report(key: str, error: str | None, seconds: float) -> None:
         bar.update(1)
         if error is None:
+            failures.pop(key, None)
             bar.set_postfix_str(f"{key} {seconds:.0f}s")
         else:
             failures[key] = error
@@ -914,5 +926,7 @@ def generate_dataset(
     finally:
         bar.close()
         if failures or (out / "failures.json").exists():
-            (out / "failures.json").write_text(json.dumps(failures, indent=1, sort_keys=True))
+            tmp = out / f".failures.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(failures, indent=1, sort_keys=True))
+            os.replace(tmp, out / "failures.json")  # atomic: never a half-written report
     return [out / k for k in keys_in if (out / k / "structure.json").is_file()]
