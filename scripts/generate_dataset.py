@@ -179,6 +179,92 @@ def build_structures(seed: int = SEED) -> list[tuple[str, Atoms]]:
     )
 
 
+def band_error_summary(metas: dict[str, dict]) -> dict:
+    """Median / max (and worst key) of the records' ``band_error_meV`` per band window."""
+    return {
+        window: {
+            "median": float(np.median([m["band_error_meV"][window] for m in metas.values()])),
+            "max": max(m["band_error_meV"][window] for m in metas.values()),
+            "worst_key": max(metas, key=lambda k: metas[k]["band_error_meV"][window]),
+        }
+        for window in ("occupied", "first_empty")
+    }
+
+
+MAIN_TEST_COMPOSITIONS = ["GaAs", "SrTiO3", "ZnSe", "KBr", "WSe2", "MgF2"]
+"""pbe_main held-out compositions (all their structures, every family); each element keeps
+training structures (GaP/GaN, AlAs/InAs, SrO/SrF2, TiO2/TiC, ZnS/ZnO, MoSe2/CaSe, KCl, CsBr,
+W/WS2, MgO, CaF2), which `write_shards` checks."""
+MAIN_TEST_FAMILIES = ["slab-*-rocksalt-*", "sheet-*-1T-*"]
+"""pbe_main held-out families: every rocksalt (100) slab (MgO, NaCl, LiF, PbS, KCl, CaO: their
+bulk trains, their surface never does) and every 1T dichalcogenide sheet (ZrS2, HfS2, SnS2,
+PtSe2, TiS2: 2H sheets train)."""
+
+
+def pack_main(
+    structures: list[tuple[str, Atoms]], records_dir: Path, out_dir: Path, seed: int,
+    skipped: dict[str, str],
+) -> dict:  # fmt: skip
+    """Shard the finished pbe_main records with the held-out compositions and families; the
+    manifest reports counts, seconds and band error per family and atom count, and every
+    structure left out with its reason (no element in the basis/cutoff table, failed run)."""
+    from foundation.data.recipes import family_of
+    from foundation.data.shards import saved_records, write_shards
+
+    records = saved_records([k for k, _ in structures], records_dir)
+    failures_path = records_dir / "failures.json"
+    failed = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
+    pending = [k for k, _ in structures if k not in records and k not in failed]
+    metas = {k: r.meta for k, r in records.items()}
+    families: dict[str, dict] = {}
+    for fam in dict.fromkeys(family_of(k) for k in metas):
+        sel = {k: m for k, m in metas.items() if family_of(k) == fam}
+        secs = [m["seconds"]["scf"] + m["seconds"]["hamiltonian"] for m in sel.values()]
+        families[fam] = {
+            "structures": len(sel),
+            "seconds_per_structure_median": float(np.median(secs)),
+            "hours": sum(secs) / 3600,
+            "band_error_meV": band_error_summary(sel),
+        }
+    sizes = [records[k].n_atoms for k in metas]
+    extra = {
+        "generation": {
+            "script": "scripts/generate_dataset.py --preset main",
+            "recipes": "foundation/data/recipes.py",
+            "seed": seed,
+            "code": "pyscf (pbc KRKS) via foundation.data.dft.pyscf.compute_record",
+            "functional": "PBE",
+            "magnetism": "restricted closed-shell KS only: compounds chosen non-magnetic in PBE "
+            "(no Cr, Mn, Fe, Co, Ni); possibly metallic structures (metals, defects, surfaces, "
+            "odd electron counts) use Fermi smearing",
+            "basis": DEFAULT_BASIS,
+            "pseudo": DEFAULT_PSEUDO,
+            "kspacing_inv_A": KSPACING,
+            "smearing_eV_metals": SMEARING_EV,
+            "ke_cutoff_Ha": {el: KE_CUTOFF_HA[el] for el in sorted({s for _, a in structures
+                                                                   for s in a.get_chemical_symbols()})},
+            "alias_margin_A": ALIAS_MARGIN_A,
+            "slabs": "pbc false along z, 12 Å vacuum, k-mesh 1 and band k_z = 0 along z",
+            "skipped": skipped,
+            "failed": failed,
+            "pending": pending,
+            "hours": sum(f["hours"] for f in families.values()),
+            "units": "Å, eV; PySCF Bohr/Hartree converted with pyscf.data.nist (BOHR, HARTREE2EV)",
+        },
+        "edge_cutoff_choice": CUTOFF_NOTE,
+        "families": families,
+        "atoms_per_structure": {
+            f"{lo}-{hi}": sum(lo <= n <= hi for n in sizes) for lo, hi in ((1, 7), (8, 32))
+        },
+        "band_error_meV": band_error_summary(metas),
+    }  # fmt: skip
+    return write_shards(
+        records.values(), out_dir, name=MAIN_NAME, samples_per_shard=32, seed=seed,
+        val_fraction=0.1, test_fraction=0.1, test_compositions=MAIN_TEST_COMPOSITIONS,
+        test_families=MAIN_TEST_FAMILIES, extra_manifest=extra,
+    )  # fmt: skip
+
+
 def pack(structures: list[tuple[str, Atoms]], records_dir: Path, out_dir: Path, seed: int) -> dict:
     """Shard the saved records (in structure order) with `foundation.data.shards.write_shards`;
     ``records_dir``: a records directory or a shard dataset (`saved_records`)."""
@@ -189,14 +275,7 @@ def pack(structures: list[tuple[str, Atoms]], records_dir: Path, out_dir: Path, 
     if missing:
         logging.warning("%d structures have no record and are left out: %s", len(missing), missing)
     metas = {k: r.meta for k, r in records.items()}
-    band_error = {
-        window: {
-            "median": float(np.median([m["band_error_meV"][window] for m in metas.values()])),
-            "max": max(m["band_error_meV"][window] for m in metas.values()),
-            "worst_key": max(metas, key=lambda k: metas[k]["band_error_meV"][window]),
-        }
-        for window in ("occupied", "first_empty")
-    }
+    band_error = band_error_summary(metas)
     worst_alias = max(metas, key=lambda k: metas[k]["s_alias_error"])
     extra = {
         "generation": {
@@ -274,15 +353,16 @@ def main(argv: list[str] | None = None) -> None:
     if main_preset and not args.pack_only:
         args.records_dir.mkdir(parents=True, exist_ok=True)
         (args.records_dir / MAIN_SKIPPED).write_text(json.dumps(skipped, indent=1, sort_keys=True))
-    if main_preset and not args.no_pack:
-        ap.error("--preset main: packing into shards comes with the finished set; use --no-pack")
     if not args.pack_only:
         retry = {} if not main_preset else {"retry_failed": False}  # failures.json keeps reasons
         generate_dataset(
             structures, args.records_dir, workers=args.workers, cutoff_A=CUTOFF_A,
             kspacing=KSPACING, alias_margin_A=ALIAS_MARGIN_A, **retry,
         )  # fmt: skip
-    if not args.no_pack:
+    if not args.no_pack and main_preset:
+        manifest = pack_main(structures, args.records_dir, args.out, args.seed, skipped)
+        print(json.dumps({s: v["n_samples"] for s, v in manifest["splits"].items()}))
+    elif not args.no_pack:
         manifest = pack(structures, args.records_dir, args.out, args.seed)
         print(json.dumps({s: v["n_samples"] for s, v in manifest["splits"].items()}))
 

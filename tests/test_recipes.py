@@ -213,3 +213,29 @@ def test_sheet_record_end_to_end(tmp_path):
     assert record.meta["band_error_meV"]["occupied"] < 5.0
     record.save(tmp_path / key)
     assert list(HamiltonianRecord.load(tmp_path / key).pbc) == [True, True, False]
+
+
+@pytest.mark.slow
+def test_main_split_policy_holds_on_the_structure_list(tmp_path):
+    """The held-out compositions and families of --preset main leave every element with
+    training structures (write_shards refuses otherwise), and each holds structures out.
+    Stand-in records carry each structure's key and atoms (random geometry, no SCF)."""
+    from foundation.basis import BasisSet
+    from foundation.data.shards import write_shards
+    from foundation.data.synthetic import random_record
+
+    script = _generate_script()
+    structures = recipes.main_structures(script.SEED)
+    elements = sorted({s for _, a in structures for s in a.get_chemical_symbols()})
+    basis = BasisSet.from_spec({el: "1s" for el in elements})
+    records = (
+        random_record(key, atoms.get_chemical_symbols(), seed=i, basis=basis, cutoff_A=2.5)
+        for i, (key, atoms) in enumerate(structures)
+    )
+    manifest = write_shards(records, tmp_path / "ds", name="stand-in", seed=script.SEED,
+                            test_compositions=script.MAIN_TEST_COMPOSITIONS,
+                            test_families=script.MAIN_TEST_FAMILIES)  # fmt: skip
+    policy = manifest["split_policy"]
+    assert set(policy["held_out_counts"]) == set(script.MAIN_TEST_COMPOSITIONS)
+    assert all(n > 0 for n in policy["held_out_counts"].values())
+    assert policy["held_out_family_counts"] == {"slab-*-rocksalt-*": 6, "sheet-*-1T-*": 30}

@@ -315,6 +315,24 @@ def test_test_elements_hold_out_every_structure_of_the_element(tmp_path):
     assert train_elements == {6, 14, 31, 33}  # C, Si, Ga, As: every element but O
 
 
+def test_held_out_family_goes_to_test_and_is_counted(tmp_path):
+    """test_families=["GaAs-*", "Si*-2"]: every GaAs cell and SiAs-2 go to test, counted per
+    pattern in the manifest; a family holding every C structure (GaC-*) is refused, like a
+    composition would be; without families the manifest has no family keys."""
+    recs = _compounds()
+    m = write_shards(recs, tmp_path / "ds", name="x", test_families=["GaAs-*", "Si*-2"])
+    split = _splits_of(tmp_path / "ds")
+    for r in recs:
+        if r.key.startswith("GaAs-") or r.key == "SiAs-2":
+            assert split[r.key] == "test", r.key
+    policy = m["split_policy"]
+    assert policy["test_families"] == ["GaAs-*", "Si*-2"]
+    assert policy["held_out_family_counts"] == {"GaAs-*": 3, "Si*-2": 1}
+    assert "test_families" not in write_shards(recs, tmp_path / "plain", name="x")["split_policy"]
+    with pytest.raises(SplitPolicyError, match="Element C has no structure in the training"):
+        write_shards(recs, tmp_path / "ds2", name="x", test_families=["GaC-*"])
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

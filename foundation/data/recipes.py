@@ -52,8 +52,8 @@ class Bulk:
     u: float | None = None  # internal coordinate (rutile O at (u, u, 0))
 
 
-# Experimental lattice constants (Å). A few are hypothetical polymorphs (fcc Bi, CsCl AuCd
-# and AgMg as ordered B2, zincblende BeS) kept for chemical coverage, not thermodynamics.
+# Experimental lattice constants (Å). A few are hypothetical or high-pressure polymorphs (fcc
+# Bi; bcc Bi is Bi-V), kept for chemical coverage, not thermodynamics.
 BULK: tuple[Bulk, ...] = (
     # elemental metals and semiconductors
     *(Bulk(s, "fcc", a, metal=True) for s, a in [
@@ -61,7 +61,8 @@ BULK: tuple[Bulk, ...] = (
         ("Pt", 3.924), ("Pb", 4.950), ("Ca", 5.588), ("Sr", 6.084), ("Bi", 5.00)]),
     *(Bulk(s, "bcc", a, metal=True) for s, a in [
         ("Li", 3.510), ("Na", 4.225), ("K", 5.225), ("V", 3.030), ("Nb", 3.301),
-        ("Mo", 3.147), ("Ta", 3.303), ("W", 3.165), ("Ba", 5.028), ("Cs", 6.141)]),
+        ("Mo", 3.147), ("Ta", 3.303), ("W", 3.165), ("Ba", 5.028), ("Cs", 6.141),
+        ("Bi", 3.800)]),
     *(Bulk(s, "hcp", a, c, metal=True) for s, a, c in [
         ("Be", 2.286, 3.584), ("Mg", 3.209, 5.211), ("Ti", 2.951, 4.686), ("Zr", 3.232, 5.147),
         ("Zn", 2.665, 4.947), ("Cd", 2.979, 5.619), ("Sc", 3.309, 5.273), ("Y", 3.647, 5.731),
@@ -118,7 +119,7 @@ BULK: tuple[Bulk, ...] = (
 
 ALLOY_PARTNERS = {
     "Si": "Ge", "Ge": "Si", "Sn": "Pb", "Al": "Ga", "Ga": "In", "In": "Ga", "P": "As",
-    "As": "Sb", "Sb": "As", "S": "Se", "Se": "Te", "Te": "Se", "O": "S", "N": "P", "C": "Si",
+    "As": "Sb", "Sb": "Bi", "S": "Se", "Se": "Te", "Te": "Se", "O": "S", "N": "P", "C": "Si",
     "F": "Cl", "Cl": "Br", "Br": "I", "I": "Br", "Li": "Na", "Na": "K", "K": "Na", "Cs": "K",
     "Mg": "Zn", "Ca": "Sr", "Sr": "Ba", "Ba": "Sr", "Zn": "Cd", "Cd": "Zn", "Be": "Mg",
     "Ti": "Zr", "Zr": "Hf", "Hf": "Ti", "Nb": "Ta", "Ta": "Nb", "Mo": "W", "W": "Mo",
@@ -149,6 +150,7 @@ SUPERCELL_PARENTS: tuple[tuple[str, tuple[int, int, int], int], ...] = (
     ("KNbO3-perovskite", (2, 1, 1), 2), ("CsPbBr3-perovskite", (2, 1, 1), 2),
     ("CsCl-cesiumchloride", (2, 2, 1), 2), ("CuZn-cesiumchloride", (2, 2, 1), 2),
     ("AlAs-zincblende", (1, 1, 1), 2), ("BP-zincblende", (1, 1, 1), 2),
+    ("AlSb-zincblende", (1, 1, 1), 2),
     ("LiCl-rocksalt", (1, 1, 1), 2), ("MgS-rocksalt", (1, 1, 1), 2),
     ("NaF-rocksalt", (1, 1, 1), 2), ("Li2S-fluorite", (1, 1, 1), 2),
     ("Mg2Si-fluorite", (1, 1, 1), 2), ("SiO2-rutile", (1, 1, 2), 2),

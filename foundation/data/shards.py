@@ -26,6 +26,11 @@ depends on nothing but its key and the seed. Every element outside ``test_elemen
 keep at least one structure in train: a held-out composition that would take an element out
 of training (it would measure zero-shot element transfer, not a new composition) is refused
 with `SplitPolicyError`, naming the element, the composition and ``--test-elements``.
+A *held-out family* (``test_families``: shell-style patterns over keys, e.g.
+``slab-*-rocksalt-*`` for every rocksalt slab) sends every matching record to test as well,
+so a kind of structure (a surface type) is never seen in training while its compositions
+are; such records are scored in the group of their composition and counted per pattern in
+the manifest (``held_out_family_counts``).
 
 Streaming: `record_pipeline` is the webdataset pipeline (shard list → split by node →
 split by worker → tar → samples → `decode_sample`) that data modules build on;
@@ -35,6 +40,7 @@ split by worker → tar → samples → `decode_sample`) that data modules build
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
@@ -148,6 +154,12 @@ def hash_fraction(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def held_out_family(key: str, test_families: Sequence[str]) -> str | None:
+    """The first pattern of ``test_families`` (shell-style, `fnmatch.fnmatchcase`) that
+    ``key`` matches, else None."""
+    return next((f for f in test_families if fnmatch.fnmatchcase(key, f)), None)
+
+
 def assign_split(
     record: HamiltonianRecord,
     *,
@@ -156,10 +168,13 @@ def assign_split(
     test_fraction: float = 0.1,
     test_compositions: Sequence[str] = (),
     test_elements: Sequence[str] = (),
+    test_families: Sequence[str] = (),
 ) -> str:
-    """'train', 'val' or 'test' for one record (unseen elements and held-out compositions
-    always go to test)."""
+    """'train', 'val' or 'test' for one record (unseen elements, held-out compositions and
+    held-out families always go to test)."""
     if split_group(record.numbers, test_compositions, test_elements) != "seen":
+        return "test"
+    if held_out_family(record.key, test_families) is not None:
         return "test"
     u = hash_fraction(record.key, seed)
     if u < test_fraction:
@@ -401,6 +416,7 @@ def write_shards(
     test_fraction: float = 0.1,
     test_compositions: Sequence[str] | None = None,
     test_elements: Sequence[str] | None = None,
+    test_families: Sequence[str] | None = None,
     extra_manifest: Mapping | None = None,
 ) -> dict:
     """Stream records into per-split shards under ``out_dir`` and write its manifest.
@@ -412,8 +428,9 @@ def write_shards(
     written last. Returns the manifest.
 
     ``test_compositions`` (reduced formulas) and ``test_elements`` (symbols) are held out in
-    test (see the module docstring); `SplitPolicyError` if an element other than
-    ``test_elements`` would end up without a training structure.
+    test (see the module docstring), and so is every record whose key matches a pattern
+    of ``test_families``; `SplitPolicyError` if an element other than ``test_elements``
+    would end up without a training structure.
     """
     out_dir = Path(out_dir)
     if samples_per_shard < 1:
@@ -424,6 +441,7 @@ def write_shards(
             "and sum to at most 1."
         )
     test_compositions = list(test_compositions or [])
+    test_families = list(test_families or [])
     test_elements = check_test_elements(test_elements or [])
     _check_policy(test_compositions, test_elements)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -433,6 +451,7 @@ def write_shards(
     stats = DatasetStats()
     functionals, cutoffs, targets, sources = set(), set(), {keys.H}, set()
     held_out: dict[str, int] = {}
+    held_out_families = dict.fromkeys(test_families, 0)
     unseen_element: dict[str, int] = {}
     test_groups = dict.fromkeys(keys.SPLIT_GROUPS, 0)
     coverage = _TrainCoverage(test_elements, seed)
@@ -458,7 +477,11 @@ def write_shards(
                 test_fraction=test_fraction,
                 test_compositions=test_compositions,
                 test_elements=test_elements,
+                test_families=test_families,
             )
+            family = held_out_family(record.key, test_families)
+            if family is not None and group == "seen":
+                held_out_families[family] += 1
             if split == "test":
                 test_groups[group] += 1
             coverage.add(record.numbers, record.key, split, composition)
@@ -515,7 +538,17 @@ def write_shards(
             "test_compositions → test (unseen_composition); else sha256(f'{seed}:{key}') "
             "fraction u: u < test_fraction → test, u < test+val → val, else train (seen); "
             "every element outside test_elements keeps a training structure",
-        },
+        }
+        | (
+            {  # only with families, so manifests without them stay byte-identical
+                "test_families": test_families,
+                "held_out_family_counts": held_out_families,
+                "family_rule": "else a key matching a pattern of test_families (fnmatch) → "
+                "test, scored in its composition's group",
+            }
+            if test_families
+            else {}
+        ),
         "stats": stats.to_dict(),
     } | dict(extra_manifest or {})
     for w in writers.values():
@@ -818,6 +851,7 @@ __all__ = [
     "element_symbols",
     "hash_fraction",
     "held_out_composition",
+    "held_out_family",
     "iter_records",
     "load_records",
     "locate_damage",
