@@ -179,6 +179,22 @@ def build_structures(seed: int = SEED) -> list[tuple[str, Atoms]]:
     )
 
 
+def dft_settings(structures: list[tuple[str, Atoms]]) -> dict:
+    """The DFT settings both presets share, for the manifest (this key order: pbe_mini's
+    manifest stays byte-identical)."""
+    elements = sorted({s for _, a in structures for s in a.get_chemical_symbols()})
+    return {
+        "code": "pyscf (pbc KRKS) via foundation.data.dft.pyscf.compute_record",
+        "functional": "PBE",
+        "basis": DEFAULT_BASIS,
+        "pseudo": DEFAULT_PSEUDO,
+        "kspacing_inv_A": KSPACING,
+        "smearing_eV_metals": SMEARING_EV,
+        "ke_cutoff_Ha": {el: KE_CUTOFF_HA[el] for el in elements},
+        "alias_margin_A": ALIAS_MARGIN_A,
+    }
+
+
 def band_error_summary(metas: dict[str, dict]) -> dict:
     """Median / max (and worst key) of the records' ``band_error_meV`` per band window."""
     return {
@@ -232,18 +248,10 @@ def pack_main(
             "script": "scripts/generate_dataset.py --preset main",
             "recipes": "foundation/data/recipes.py",
             "seed": seed,
-            "code": "pyscf (pbc KRKS) via foundation.data.dft.pyscf.compute_record",
-            "functional": "PBE",
+            **dft_settings(structures),
             "magnetism": "restricted closed-shell KS only: compounds chosen non-magnetic in PBE "
             "(no Cr, Mn, Fe, Co, Ni); possibly metallic structures (metals, defects, surfaces, "
             "odd electron counts) use Fermi smearing",
-            "basis": DEFAULT_BASIS,
-            "pseudo": DEFAULT_PSEUDO,
-            "kspacing_inv_A": KSPACING,
-            "smearing_eV_metals": SMEARING_EV,
-            "ke_cutoff_Ha": {el: KE_CUTOFF_HA[el] for el in sorted({s for _, a in structures
-                                                                   for s in a.get_chemical_symbols()})},
-            "alias_margin_A": ALIAS_MARGIN_A,
             "slabs": "pbc false along z, 12 Å vacuum, k-mesh 1 and band k_z = 0 along z",
             "skipped": skipped,
             "failed": failed,
@@ -281,15 +289,7 @@ def pack(structures: list[tuple[str, Atoms]], records_dir: Path, out_dir: Path, 
         "generation": {
             "script": "scripts/generate_dataset.py",
             "seed": seed,
-            "code": "pyscf (pbc KRKS) via foundation.data.dft.pyscf.compute_record",
-            "functional": "PBE",
-            "basis": DEFAULT_BASIS,
-            "pseudo": DEFAULT_PSEUDO,
-            "kspacing_inv_A": KSPACING,
-            "smearing_eV_metals": SMEARING_EV,
-            "ke_cutoff_Ha": {el: KE_CUTOFF_HA[el] for el in sorted({s for _, a in structures
-                                                                   for s in a.get_chemical_symbols()})},
-            "alias_margin_A": ALIAS_MARGIN_A,
+            **dft_settings(structures),
             "strain_max": STRAIN,
             "rattle_sigma_A": list(RATTLE_A),
             "prototypes": [list(p) for p in PROTOTYPES],
