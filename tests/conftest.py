@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ase.build import bulk
 from train_support import SHIPPED
+
+from foundation.data.record import HamiltonianRecord
+from foundation.physics.kspace import BlochHamiltonian
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,3 +35,25 @@ def _restore_torch_threads():
 def data() -> Path:
     """The shipped PySCF PBE shards (real H, S of 16 elements)."""
     return SHIPPED
+
+
+@pytest.fixture(scope="session")
+def si_record() -> HamiltonianRecord:
+    """The 2-atom Si record of the shipped shards (with its DFT bands), or one computed now."""
+    if (SHIPPED / "manifest.json").is_file():
+        from foundation.data.shards import iter_records
+
+        for rec in iter_records(SHIPPED):
+            syms = sorted(set(rec.numbers.tolist()))
+            if syms == [14] and "dft_bands" in rec.meta:
+                return rec
+    from foundation.data.dft import pyscf as gen
+
+    scf = gen.run_scf(bulk("Si", "diamond", a=5.43), key="si2", kmesh=(3, 3, 3), ke_cutoff_Ha=18)
+    return gen.record_from_scf(scf)
+
+
+@pytest.fixture(scope="session")
+def si(si_record) -> BlochHamiltonian:
+    """Bloch sums of `si_record` (eV, PySCF energy scale)."""
+    return BlochHamiltonian.from_record(si_record)

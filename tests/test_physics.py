@@ -16,32 +16,11 @@ from scipy.spatial.transform import Rotation
 
 from foundation import keys
 from foundation.basis import BasisSet
-from foundation.data.record import HamiltonianRecord
 from foundation.physics import bands as B
 from foundation.physics import sparse as SP
 from foundation.physics.kspace import BlochHamiltonian, OverlapError
 
 SHARDS = Path(__file__).resolve().parents[1] / "data_shards" / "pbe_mini"
-
-
-@pytest.fixture(scope="module")
-def si_record() -> HamiltonianRecord:
-    if (SHARDS / "manifest.json").is_file():
-        from foundation.data.shards import iter_records
-
-        for rec in iter_records(SHARDS):
-            syms = sorted(set(rec.numbers.tolist()))
-            if syms == [14] and "dft_bands" in rec.meta:
-                return rec
-    from foundation.data.dft import pyscf as gen
-
-    scf = gen.run_scf(bulk("Si", "diamond", a=5.43), key="si2", kmesh=(3, 3, 3), ke_cutoff_Ha=18)
-    return gen.record_from_scf(scf)
-
-
-@pytest.fixture(scope="module")
-def si(si_record) -> BlochHamiltonian:
-    return BlochHamiltonian.from_record(si_record)
 
 
 def cubic_s_band(n_atoms_side: int = 1, t: float = -1.0, a: float = 3.0) -> BlochHamiltonian:
@@ -209,7 +188,7 @@ def test_sparse_matches_dense(si):
         np.testing.assert_allclose(s.toarray(), sc.sk(k), atol=1e-12)
         n_occ = int(sc.n_electrons) // 2
         sigma = 0.5 * (dense[n_occ - 1] + dense[n_occ])
-        for solver in ("direct", "iterative"):
+        for solver in ("superlu", "iterative"):
             pairs = SP.eigs_near(sc, sigma, n=12, k=k, solver=solver, matrices=(h, s))
             nearest = dense[np.argsort(np.abs(dense - sigma))[:12]]
             np.testing.assert_allclose(pairs.values, np.sort(nearest), atol=1e-7)
@@ -243,7 +222,7 @@ def test_nested_dissection_lu_matches_dense(si):
     b = np.random.default_rng(1).normal(size=sc.n_orb)
     x = SP.Factorization(a, order).solve(b)
     assert np.linalg.norm(a @ x - b) < 1e-9 * np.linalg.norm(b)
-    pairs = SP.eigs_near(sc, sigma, n=20, solver="direct", matrices=(h, s))
+    pairs = SP.eigs_near(sc, sigma, n=20, solver="superlu", matrices=(h, s))
     nearest = np.sort(dense[np.argsort(np.abs(dense - sigma))[:20]])
     np.testing.assert_allclose(pairs.values, nearest, atol=1e-8)
     assert 0 < pairs.factor_entries <= sc.n_orb * (sc.n_orb + 1) and pairs.residual < 1e-8
@@ -273,7 +252,7 @@ def test_non_positive_definite_overlap_is_reported():
     assert "cutoff" in msg and "basis" in msg
     sc = bad.supercell((4, 4, 4))
     with pytest.raises(OverlapError, match="not positive definite"):
-        SP.eigs_near(sc, 0.0, n=4, solver="direct")
+        SP.eigs_near(sc, 0.0, n=4, solver="superlu")
 
 
 def test_inconsistent_overlap_is_caught(si):

@@ -150,6 +150,49 @@ class Factorization:
         return x
 
 
+class PardisoFactorization:
+    """LDLᵀ of a real symmetric indefinite A = H − σS by Intel MKL PARDISO (``pypardiso``,
+    the optional ``solvers`` extra): supernodal, multithreaded, METIS ordering, half the
+    storage of SuperLU's LU. A complex hermitian A = Ar + i·Ai is factored through its real
+    symmetric embedding [[Ar, −Ai], [Ai, Ar]] (pypardiso is real-only), whose solution holds
+    the complex one. The inertia comes free with the factor (`negative_eigenvalues`)."""
+
+    def __init__(self, a: sp.spmatrix):
+        try:
+            import pypardiso
+        except ImportError as exc:
+            raise ImportError(
+                "eig solver 'pardiso' needs pypardiso (Intel MKL, ~0.7 GB): "
+                "pip install -e '.[solvers]', or choose --eig-solver superlu"
+            ) from exc
+        a = sp.csr_matrix(a)
+        self.complex = bool(np.iscomplexobj(a.data))
+        self.n = a.shape[0]
+        real = sp.bmat([[a.real, -a.imag], [a.imag, a.real]]) if self.complex else a
+        self.upper = sp.triu(real, format="csr")
+        self.upper.sort_indices()
+        self.solver = pypardiso.PyPardisoSolver(mtype=-2)  # real symmetric indefinite
+        self.solver.factorize(self.upper)
+
+    @property
+    def fill(self) -> int:
+        """Entries of the factor (PARDISO iparm(18))."""
+        return int(self.solver.iparm[17])
+
+    def negative_eigenvalues(self) -> int:
+        """Negative eigenvalues of A from the LDLᵀ inertia (PARDISO iparm(23); the complex
+        embedding doubles every eigenvalue, hence the halving)."""
+        neg = int(self.solver.iparm[22])
+        return neg // 2 if self.complex else neg
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        if not self.complex:
+            return self.solver.solve(self.upper, np.asarray(b, dtype=float))
+        rhs = np.concatenate([b.real, b.imag])
+        x = self.solver.solve(self.upper, rhs)
+        return x[: self.n] + 1j * x[self.n :]
+
+
 DIRECT_MAX_ORBITALS = 60_000
 """`eigs_near` solver="auto": sparse LU up to this many orbitals, MINRES beyond. Measured on
 Si with 9 Å edges (bench_results/bench_physics.json, one core): 20 eigenpairs in 18 min and
@@ -183,8 +226,12 @@ def _shift_invert_operator(a: sp.csr_matrix, solver: str, inner_tol: float, layo
     of the LU factor (0 for MINRES)]."""
     counts = [0, 0, 0]
     n = a.shape[0]
-    if solver == "direct":
-        lu = Factorization(a, nested_dissection_order(layout))
+    if solver in ("superlu", "pardiso"):
+        lu = (
+            Factorization(a, nested_dissection_order(layout))
+            if solver == "superlu"
+            else PardisoFactorization(a)
+        )
         counts[2] = lu.fill
 
         def solve(b: np.ndarray) -> np.ndarray:
@@ -225,20 +272,30 @@ def eigs_near(
     inner_tol: float = 1e-9,
     matrices: tuple[sp.spmatrix, sp.spmatrix] | None = None,
 ) -> Eigenpairs:
-    """The ``n`` eigenpairs of H(k) c = ε S(k) c closest to ``sigma`` (eV), shift-invert.
+    """The ``n`` eigenpairs of H(k) c = ε S(k) c closest to ``sigma`` (eV).
 
-    ARPACK (``eigsh(H, M=S, sigma=σ, OPinv=(H − σS)⁻¹)``) with the inverse applied by
-    ``solver``: "direct" (sparse LU, exact), "iterative" (MINRES to ``inner_tol``; memory
-    linear in N) or "auto" (direct up to `DIRECT_MAX_ORBITALS`). The Ritz vectors are then
-    refined by one Rayleigh–Ritz step with the exact H, S, so inexact inner solves cost
-    accuracy only at second order; the worst residual is returned.
-    ``which`` acts on ν = 1/(ε − σ): "LM" the n nearest σ, "BE" n/2 below and n/2 above.
+    ``solver`` (`EIG_SOLVERS`; bench_results/bench_physics.json compares them):
+    "pardiso" — ARPACK shift-invert (``eigsh(H, M=S, sigma=σ, OPinv=(H − σS)⁻¹)``) with the
+    inverse from MKL PARDISO's LDLᵀ (`PardisoFactorization`, optional extra); "superlu" — the
+    same with SciPy's SuperLU (`Factorization`, nested-dissection order); "iterative" — the
+    same with MINRES to ``inner_tol`` (memory linear in N); "primme" — PRIMME's Davidson/JD
+    targeting σ with no factorization (optional extra); "chebyshev" — Chebyshev-filtered
+    subspace iteration (`foundation.physics.kpm.filtered_eigs_near`, no factorization);
+    "auto" — `choose_eig_solver`. For the shift-invert solvers the Ritz vectors are refined by
+    one Rayleigh–Ritz step with the exact H, S, so inexact inner solves cost accuracy only at
+    second order; the worst residual is returned.
+    ``which`` acts on ν = 1/(ε − σ): "LM" the n nearest σ, "BE" n/2 below and n/2 above
+    (shift-invert solvers only).
     A non-positive-definite S raises `OverlapError` (smallest eigenvalue of S by Lanczos).
     """
     h, s = assemble_hs(ham, k) if matrices is None else matrices
     n = min(n, h.shape[0] - 1)
     if solver == "auto":
-        solver = "direct" if h.shape[0] <= DIRECT_MAX_ORBITALS else "iterative"
+        solver = choose_eig_solver(h.shape[0])
+    if solver not in EIG_SOLVERS:
+        raise ValueError(f"unknown eig solver {solver!r}; choose one of {', '.join(EIG_SOLVERS)}")
+    if solver in ("primme", "chebyshev"):
+        return _eigs_near_unfactored(h, s, sigma, n, k, solver, tol, vectors, ham.key)
     op_inv, counts = _shift_invert_operator((h - sigma * s).tocsr(), solver, inner_tol, ham.layout)
     rng = np.random.default_rng(0)  # a fixed start vector: reproducible Lanczos runs
     v0 = rng.normal(size=h.shape[0])
@@ -263,6 +320,52 @@ def eigs_near(
         ) from None
     v, hv, sv = v @ y, hv @ y, sv @ y
     residual = float(np.max(np.linalg.norm(hv - sv * w, axis=0)))
+    return Eigenpairs(
+        w, v if vectors else None, float(sigma), np.asarray(k, float), solver, residual, *counts
+    )
+
+
+EIG_SOLVERS = ("auto", "pardiso", "superlu", "iterative", "primme", "chebyshev")
+"""Names accepted by `eigs_near` and ``foundation-predict --eig-solver``."""
+
+
+def pardiso_available() -> bool:
+    """Whether the optional pypardiso (Intel MKL PARDISO) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("pypardiso") is not None
+
+
+def choose_eig_solver(n_orbitals: int) -> str:
+    """The solver "auto" picks: a sparse direct factorization up to `DIRECT_MAX_ORBITALS`
+    (PARDISO when installed — faster and half the memory of SuperLU at every size measured —
+    else SuperLU), MINRES beyond (memory linear in N)."""
+    if n_orbitals > DIRECT_MAX_ORBITALS:
+        return "iterative"
+    return "pardiso" if pardiso_available() else "superlu"
+
+
+def _eigs_near_unfactored(h, s, sigma, n, k, solver, tol, vectors, source) -> Eigenpairs:
+    """`eigs_near` by PRIMME or Chebyshev filtering (neither factorizes H − σS)."""
+    if solver == "chebyshev":
+        from foundation.physics.kpm import filtered_eigs_near
+
+        r = filtered_eigs_near(h, s, sigma, n, tol=max(tol, 1e-9) * 100, k=k, source=source)
+        w, v, counts = r.values, r.vectors, (r.iterations, r.s_iterations, 0)
+    else:
+        try:
+            import primme
+        except ImportError as exc:
+            raise ImportError(
+                "eig solver 'primme' needs the primme package (built from source against "
+                "system BLAS/LAPACK: apt-get install liblapack-dev libblas-dev; pip install primme)"
+            ) from exc
+        w, v, stats = primme.eigsh(h, k=n, M=s, which=sigma, tol=tol, return_stats=True,
+                                   maxMatvecs=1_000_000)  # fmt: skip
+        order = np.argsort(w)
+        w, v = w[order], v[:, order]
+        counts = (int(stats["numMatvecs"]), 0, 0)
+    residual = float(np.max(np.linalg.norm(h @ v - (s @ v) * w, axis=0)))
     return Eigenpairs(
         w, v if vectors else None, float(sigma), np.asarray(k, float), solver, residual, *counts
     )
