@@ -196,7 +196,7 @@ def dft_settings(structures: list[tuple[str, Atoms]]) -> dict:
         "pseudo": DEFAULT_PSEUDO,
         "kspacing_inv_A": KSPACING,
         "smearing_eV_metals": SMEARING_EV,
-        "ke_cutoff_Ha": {el: KE_CUTOFF_HA[el] for el in elements},
+        "ke_cutoff_Ha": {el: KE_CUTOFF_HA[el] for el in elements if el in KE_CUTOFF_HA},
         "alias_margin_A": ALIAS_MARGIN_A,
     }
 
