@@ -227,12 +227,29 @@ def test_cli_writes_bands_dos_deeph_and_compares(tmp_path, checkpoint, si_file, 
     assert "E_F =" in capsys.readouterr().out
 
 
-def test_cli_large_cell_path_uses_sparse_solver(tmp_path, checkpoint, si_file):
+def test_cli_large_cell_path_kpm_and_eigenpairs(tmp_path, checkpoint, si_file):
+    """--supercell 2 2 2 above --dense-max-orbitals: KPM DOS/E_F files, and the eigenpairs
+    near E_F equal the dense Γ eigenvalues of the written DeepH folder."""
+    import scipy.linalg
+
+    from foundation.data.formats.deeph import read_deeph
+    from foundation.physics.kspace import BlochHamiltonian
+
     out = tmp_path / "big"
     rc = P.main(
-        [str(checkpoint), str(si_file), "-o", str(out),
-         "--dense-max-orbitals", "4", "--n-eigs", "4", "--no-progress"]
+        [str(checkpoint), str(si_file), "-o", str(out), "--supercell", "2", "2", "2",
+         "--dense-max-orbitals", "4", "--n-eigs", "6", "--no-progress"]
     )  # fmt: skip
     assert rc == 0
-    fermi = json.loads((out / "summary.json").read_text())["fermi"]
-    assert len(fermi["eigenvalues_near_fermi_eV"]) == 4 and "Γ point only" in fermi["note"]
+    summary = json.loads((out / "summary.json").read_text())
+    fermi, lc = summary["fermi"], summary["large_cell"]
+    assert summary["n_atoms"] == 16 and "Γ point only" in fermi["note"]
+    assert (out / "dos_kpm.png").stat().st_size > 5_000
+    dos = json.loads((out / "dos_kpm.json").read_text())
+    assert dos["idos_per_spin"][-1] == pytest.approx(summary["n_orbitals"], rel=0.05)
+    ham = BlochHamiltonian.from_record(read_deeph(out / "deeph"))
+    w = scipy.linalg.eigh(ham.hk((0, 0, 0)), ham.sk((0, 0, 0)), eigvals_only=True)
+    ef = fermi["fermi_level_eV"]
+    nearest = np.sort(w[np.argsort(np.abs(w - ef))[:6]])
+    np.testing.assert_allclose(lc["eigs"]["values_eV"], nearest, atol=1e-6)
+    assert set(lc["timings_s"]) == {"assemble", "dos_fermi_kpm", "eigs_near_fermi"}

@@ -10,8 +10,11 @@ message and a fix) → edges (i, j, R) with `foundation.data.graph.neighbor_edge
 model's cutoff → model blocks (padded universal basis → per-element blocks) → a
 `HamiltonianRecord` written as a DeepH legacy folder (`foundation.data.formats.deeph`) →
 bands on the seekpath path, DOS, Fermi level and gap (`foundation.physics.bands`) as PNG +
-JSON. Cells above ``--dense-max-orbitals`` skip the dense band path: Γ-point Fermi level by
-inertia bisection and eigenpairs near it by shift-invert (`foundation.physics.sparse`).
+JSON. Cells above ``--dense-max-orbitals`` skip the dense band path
+(`foundation.physics.large_cell`): Γ-point DOS, Fermi level and gap by the kernel polynomial
+method (linear in N, no factorization; ``dos_kpm.png``/``.json``), then ``--n-eigs``
+eigenpairs near E_F by ``--eig-solver``; ``--supercell A B C`` builds the large cell from a
+small input.
 
 Decisions:
 
@@ -35,8 +38,9 @@ Decisions:
   carry an unknown constant; the Fermi level comes from the electron count (valence
   electrons of the GTH pseudopotential ``--pseudo``, or ``--n-electrons``), and plots and
   band errors are measured from each set's own Fermi level (midgap for insulators).
-* **Molecules** (no periodic axis): put in a box with ``cutoff`` of vacuum and written as a
-  periodic DeepH folder (no edge crosses the box); bands reduce to Γ.
+* **Molecules and slabs** (no periodic axis, or some): ``cutoff`` of vacuum along every
+  non-periodic axis, then written as a periodic DeepH folder (no edge crosses the vacuum);
+  a molecule's bands reduce to Γ.
 * **Electron–phonon** (``--eph PHONONS``): Γ phonons of the structure from a phonopy
   params YAML with force constants or a FORCE_CONSTANTS file of the cell itself
   (`foundation.physics.phonons`); for every optical mode ν the zero-point displacement
@@ -69,6 +73,7 @@ import numpy as np
 from foundation import keys
 from foundation.basis import BasisSet, UniversalBasis
 from foundation.data.record import HamiltonianRecord
+from foundation.physics.sparse import EIG_SOLVERS
 
 TARGET_ALIASES = {"hse": keys.H_HSE, "hse06": keys.H_HSE, "pbe": keys.H}
 """``--target`` spellings → head names (``pbe`` is the pretraining head ``h``)."""
@@ -117,6 +122,7 @@ def read_structure(path: str | Path, fmt: str | None = None, index: int | str = 
 
 
 MIN_DISTANCE_A = 0.5  # closer atoms are an input error (no bond is this short)
+MIN_VOLUME_PER_ATOM_A3 = 1.0  # solids have ~5-60 Å³ per atom; below this the cell is degenerate
 
 
 def check_geometry(atoms, where: str) -> None:
@@ -133,6 +139,15 @@ def check_geometry(atoms, where: str) -> None:
         )
     if not np.isfinite(atoms.cell.array).all():
         raise PredictError(f"{where}: the cell has non-finite entries; fix the lattice vectors.")
+    volume = abs(atoms.cell.volume)
+    if atoms.pbc.all() and volume < MIN_VOLUME_PER_ATOM_A3 * len(atoms):
+        lengths = ", ".join(f"{x:.3g}" for x in atoms.cell.lengths())
+        raise PredictError(
+            f"{where}: the periodic cell has a near-zero volume ({volume:.3g} Å³ for "
+            f"{len(atoms)} atoms; lattice vector lengths {lengths} Å): a lattice vector is "
+            "(nearly) zero or two are (nearly) parallel. Give the full lattice vectors in Å, "
+            "or mark a vacuum direction non-periodic (pbc) for a slab or molecule."
+        )
     i, j, d = neighbor_list("ijd", atoms, MIN_DISTANCE_A)
     if len(d):
         k = int(np.argmin(d))
@@ -150,11 +165,13 @@ def check_geometry(atoms, where: str) -> None:
 
 
 def boxed(atoms, vacuum_A: float):
-    """A molecule (no periodic axis) in a periodic box with ``vacuum_A`` around it."""
-    if atoms.pbc.any():
+    """A molecule (no periodic axis) or slab/wire (some) made periodic: ``vacuum_A`` of
+    vacuum on both sides along each non-periodic axis, so no edge crosses it."""
+    if atoms.pbc.all():
         return atoms
     atoms = atoms.copy()
-    atoms.center(vacuum=vacuum_A)
+    open_axes = tuple(int(a) for a in np.nonzero(~atoms.pbc)[0])
+    atoms.center(vacuum=vacuum_A, axis=open_axes)
     atoms.pbc = True
     return atoms
 
@@ -288,7 +305,8 @@ def predict_record(
 
         raise PredictError(
             f"{key}: element(s) {', '.join(chemical_symbols[z] for z in unknown)} unknown to the "
-            f"model (it knows {', '.join(model.elements)})."
+            f"model (it knows {', '.join(model.elements)}). Use a model trained on data with "
+            "these elements, or fine-tune this one on a dataset that adds them."
         )
     if overlap == "model" and keys.S not in model.heads:
         raise PredictError(
@@ -583,13 +601,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kspacing", type=float, default=0.2, help="DOS mesh spacing, 1/Å (2π incl.)")
     p.add_argument("--path-spacing", type=float, default=0.025, help="band path step, 1/Å")
     p.add_argument("--dense-max-orbitals", type=int, default=3000)
-    p.add_argument("--n-eigs", type=int, default=20, help="sparse path: eigenpairs near E_F")
+    p.add_argument(
+        "--supercell",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("A", "B", "C"),
+        help="repeat the input cell A×B×C times before predicting (large cells from a small input)",
+    )
+    p.add_argument("--n-eigs", type=int, default=20, help="large cells: eigenpairs near E_F")
+    p.add_argument(
+        "--eig-solver",
+        choices=EIG_SOLVERS,
+        default="auto",
+        help="large cells: interior eigensolver (auto: PARDISO when installed, else SuperLU; "
+        "MINRES beyond ~6·10⁴ orbitals; see scripts/bench_physics.py)",
+    )
+    p.add_argument(
+        "--fermi",
+        choices=["kpm", "bisection"],
+        default="kpm",
+        help="large cells: DOS and E_F by the kernel polynomial method (linear in N, default) "
+        "or E_F by inertia bisection (one sparse LU per step, exact at Γ, no DOS)",
+    )
+    p.add_argument(
+        "--kpm-resolution", type=float, default=0.1, help="KPM DOS resolution, eV (sets moments)"
+    )
+    p.add_argument("--kpm-vectors", type=int, default=4, help="KPM random vectors")
     p.add_argument(
         "--sigma",
         type=float,
         default=None,
-        help="sparse path: energy (eV, model zero) to find eigenpairs near, instead of the "
-        "Γ Fermi level by inertia bisection (one sparse LU per step: slow beyond ~10^4 orbitals)",
+        help="large cells: energy (eV, model zero) to find eigenpairs near, instead of E_F",
     )
     p.add_argument(
         "--edge-chunk",
@@ -630,10 +673,12 @@ def _run(args: argparse.Namespace) -> int:
     from foundation.data.formats.deeph import write_deeph
     from foundation.physics import bands as B
     from foundation.physics.kspace import BlochHamiltonian, OverlapError
-    from foundation.physics.sparse import eigs_near, fermi_level_sparse
+    from foundation.physics.large_cell import large_cell_spectrum, write_kpm_dos
 
     progress = not args.no_progress
     atoms = read_structure(args.structure, args.format)
+    if args.supercell:
+        atoms = atoms.repeat(tuple(args.supercell))
     check_geometry(atoms, str(args.structure))  # names the file before the model loads
     if args.threads:
         import torch
@@ -708,13 +753,20 @@ def _run(args: argparse.Namespace) -> int:
             summary["fermi"] = es.fermi.to_dict()
             summary["kpath"] = es.path.note
         else:
-            if args.sigma is None:
-                info = fermi_level_sparse(ham)
-            else:
-                info = {"fermi_level_eV": args.sigma, "convention": "given --sigma"}
-            pairs = eigs_near(ham, info["fermi_level_eV"], n=args.n_eigs, vectors=False)
-            info["eigenvalues_near_fermi_eV"] = pairs.values.tolist()
-            summary["fermi"] = info | {"note": "large cell: Γ point only (sparse shift-invert)"}
+            info, kpm_result = large_cell_spectrum(
+                ham,
+                n_eigs=args.n_eigs,
+                eig_solver=args.eig_solver,
+                fermi=args.fermi,
+                sigma=args.sigma,
+                kpm_resolution_eV=args.kpm_resolution,
+                kpm_vectors=args.kpm_vectors,
+                progress=progress,
+            )
+            if kpm_result is not None:
+                write_kpm_dos(kpm_result, info["fermi"], out, title=f"{key}: KPM DOS (Γ)")
+            summary["fermi"] = info.pop("fermi") | {"note": "large cell: Γ point only"}
+            summary["large_cell"] = info
             if args.compare:
                 summary["compare"] = "skipped: cell above --dense-max-orbitals"
     except OverlapError as exc:
@@ -731,6 +783,10 @@ def _run(args: argparse.Namespace) -> int:
         f"E_F = {f['fermi_level_eV']:.4f} eV, gap = {f.get('gap_eV', 0.0):.4f} eV "
         f"({f.get('convention', '')}); energies relative to the model's energy zero"
     )
+    if "large_cell" in summary:
+        lc = summary["large_cell"]
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in lc["timings_s"].items())
+        print(f"large cell (Γ): {steps}; peak memory {max(lc['peak_rss_GB'].values()):.2f} GB")
     if isinstance(summary.get("compare"), dict):
         c = summary["compare"]["band_errors"]
         print(
