@@ -324,10 +324,12 @@ def model_kernels(
     *,
     head: str = "h",
     chunk_size: int | None = None,
+    edge_chunk: int | None = 4096,
 ) -> Kernels:
     """`Kernels` of ``model`` for ``primitive`` from its supercell ``reps``: H(R) of the
     ``head`` (the model's H − μS, unknown μ) and ∂H by forward-mode autograd along the 3N
-    home-cell Cartesian patterns (``chunk_size`` patterns per vectorised jvp, None = all);
+    home-cell Cartesian patterns (``chunk_size`` patterns per vectorised jvp, None = all;
+    the backbone's edge work in chunks of ``edge_chunk`` edges, `model_hamiltonian_derivative`);
     S(R) and ∂S exact from the basis' two-center tables. Edges: the model's cutoff."""
     import torch
 
@@ -346,7 +348,10 @@ def model_kernels(
     cell_sc = np.asarray(sc.cell)
     graph_sc, edges_sc = _model_graph(model, sc, "supercell")
     patterns = cartesian_displacements(len(sc), range(len(primitive)))
-    padded = model_hamiltonian_derivative(model, graph_sc, patterns, [head], chunk_size)[head]
+    with torch.no_grad():  # forward mode only: no autograd graph over the parameters
+        padded = model_hamiltonian_derivative(
+            model, graph_sc, patterns, [head], chunk_size, edge_chunk
+        )[head]
     padded = padded.detach().double().numpy()
     dh = np.stack([padded_to_flat(x, sc.numbers, edges_sc, model.universal) for x in padded])
     tables = _tables(model, edge_displacements(sc.positions, cell_sc, edges_sc))
