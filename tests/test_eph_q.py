@@ -60,16 +60,16 @@ def _spring_forces(atoms: Atoms) -> np.ndarray:
     return forces
 
 
-@pytest.fixture(scope="module")
-def phonon_files(tmp_path_factory):
-    """(phonopy_params.yaml, FORCE_CONSTANTS) of the spring model, 2×2×2 supercell."""
+def spring_phonopy(primitive: Atoms, reps=REPS):
+    """phonopy object of the spring model in the supercell ``reps`` (force constants made
+    and symmetrised)."""
     from phonopy import Phonopy
-    from phonopy.file_IO import write_FORCE_CONSTANTS
     from phonopy.structure.atoms import PhonopyAtoms
 
-    si = bulk("Si", "diamond", a=A_SI)
-    unit = PhonopyAtoms(numbers=si.numbers, cell=si.cell[:], positions=si.positions)
-    phonon = Phonopy(unit, supercell_matrix=np.diag(REPS), primitive_matrix="P")
+    unit = PhonopyAtoms(
+        numbers=primitive.numbers, cell=primitive.cell[:], positions=primitive.positions
+    )
+    phonon = Phonopy(unit, supercell_matrix=np.diag(reps), primitive_matrix="P")
     phonon.generate_displacements(distance=0.01, is_plusminus=True)
     phonon.forces = [
         _spring_forces(Atoms(c.numbers, c.positions, cell=c.cell, pbc=True))
@@ -77,6 +77,15 @@ def phonon_files(tmp_path_factory):
     ]
     phonon.produce_force_constants()
     phonon.symmetrize_force_constants()
+    return phonon
+
+
+@pytest.fixture(scope="module")
+def phonon_files(tmp_path_factory):
+    """(phonopy_params.yaml, FORCE_CONSTANTS) of the spring model, 2×2×2 supercell."""
+    from phonopy.file_IO import write_FORCE_CONSTANTS
+
+    phonon = spring_phonopy(bulk("Si", "diamond", a=A_SI))
     out = tmp_path_factory.mktemp("phonons")
     phonon.save(out / "phonopy_params.yaml", settings={"force_constants": True})
     write_FORCE_CONSTANTS(phonon.force_constants, filename=str(out / "FORCE_CONSTANTS"))
