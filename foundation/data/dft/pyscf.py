@@ -95,8 +95,9 @@ KE_CUTOFF_HA = {
     "Pb": 20,
     # Measured by scripts/ke_cutoff_scan.py (bench_results/ke_cutoff.json): one-atom fcc
     # cell, bands up to two above the (half-)filled one within 3 meV of 160 Ha (F: 3.4 meV
-    # at 120 Ha, the highest candidate).
-    "H": 40, "Li": 60, "O": 100, "F": 120,
+    # at 120 Ha, the highest candidate). Na (q9) is not converged at 120 Ha (211 meV against
+    # 160 Ha) and is left out until measured against a higher reference.
+    "H": 40, "Li": 60, "O": 100, "F": 120, "Sr": 80, "Pd": 50, "Cd": 40,
 }  # fmt: skip
 
 
