@@ -172,6 +172,7 @@ def _generation_row(record) -> dict:
         "scf_s": m["seconds"]["scf"],
         "hamiltonian_s": m["seconds"]["hamiltonian"],
         "total_s": m["seconds"]["scf"] + m["seconds"]["hamiltonian"],
+        "cpu_s": sum(m["cpu_seconds"].values()) if "cpu_seconds" in m else None,
         "band_err_occ_meV": err["occupied"],
         "band_err_first_empty_meV": err["first_empty"],
         "s_alias_error": m["s_alias_error"],
@@ -183,10 +184,12 @@ def summarize_generation(rows: Sequence[dict]) -> dict:
 
     def stats(sel: list[dict]) -> dict:
         t = [r["total_s"] for r in sel]
+        cpu = [r["cpu_s"] for r in sel if r.get("cpu_s") is not None]
         e = [r["band_err_occ_meV"] for r in sel]
         f = [r["band_err_first_empty_meV"] for r in sel]
         return {
             "n": len(sel), "median_s": statistics.median(t), "sum_s": sum(t),
+            "median_cpu_s": statistics.median(cpu) if cpu else None, "sum_cpu_s": sum(cpu),
             "median_band_err_occ_meV": statistics.median(e), "max_band_err_occ_meV": max(e),
             "median_band_err_first_empty_meV": statistics.median(f),
             "max_band_err_first_empty_meV": max(f),
@@ -300,11 +303,13 @@ def print_generation_table(result: dict) -> None:
         )
     for name, groups in result.get("summary", {}).items():
         print(
-            f"  {name}: {'n':>4} {'median s':>9} {'sum h':>6} {'occ meV med/max':>16} {'empty meV med/max':>18}"
+            f"  {name}: {'n':>4} {'median s':>9} {'cpu s':>7} {'sum h':>6} {'occ meV med/max':>16} {'empty meV med/max':>18}"
         )
         for g, v in groups.items():
             print(
-                f"  {g:<14} {v['n']:>4} {v['median_s']:>9.1f} {v['sum_s'] / 3600:>6.2f} "
+                f"  {g:<14} {v['n']:>4} {v['median_s']:>9.1f} "
+                f"{v['median_cpu_s'] if v['median_cpu_s'] is not None else float('nan'):>7.1f} "
+                f"{v['sum_s'] / 3600:>6.2f} "
                 f"{v['median_band_err_occ_meV']:>7.2f}/{v['max_band_err_occ_meV']:<8.2f} "
                 f"{v['median_band_err_first_empty_meV']:>8.2f}/{v['max_band_err_first_empty_meV']:<8.2f}"
             )

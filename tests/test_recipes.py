@@ -211,6 +211,7 @@ def test_sheet_record_end_to_end(tmp_path):
     assert record.meta["kmesh"][2] == 1 and record.meta["dense_kmesh"][2] == 1
     assert np.all(np.asarray(record.meta["dft_bands"]["kpts_frac"])[:, 2] == 0)
     assert record.meta["band_error_meV"]["occupied"] < 1.0  # 9 Å cutoff: 0.004 meV measured
+    assert 0 < record.meta["cpu_seconds"]["scf"] and 0 < record.meta["cpu_seconds"]["hamiltonian"]
     record.save(tmp_path / key)
     assert list(HamiltonianRecord.load(tmp_path / key).pbc) == [True, True, False]
 
