@@ -165,8 +165,9 @@ class DerivativeKernel:
             )
         phase = np.exp(-2j * np.pi * self.cells @ q.T)  # (C, Q)
         u = np.asarray(patterns).reshape(len(q), -1, self.values.shape[0])  # (Q, M, 3N)
-        per_q = np.einsum("atc,cq->qat", self.values, phase)  # (Q, 3N, total)
-        return np.einsum("qma,qat->qmt", u, per_q)
+        n3, total, n_cells = self.values.shape
+        per_q = (self.values.reshape(-1, n_cells) @ phase).reshape(n3, total, len(q))
+        return u @ per_q.transpose(2, 0, 1)  # (Q, M, 3N) @ (Q, 3N, total)
 
 
 @dataclass
