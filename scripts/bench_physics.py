@@ -1,22 +1,26 @@
-"""Benchmark of the physics stack on large Si cells (2 CPU cores; --threads per process).
+"""Benchmark of the large-cell physics stack on Si (2 CPU cores; --threads per process).
 
-(a) Si supercells of ~500 … 10 000 atoms: time and peak memory of building H, S blocks,
-    sparse assembly, and 20 eigenpairs near the gap by shift-invert with the sparse LU
-    (nested-dissection order); fitted scaling exponents. Blocks: a real PySCF Si record
-    (2-atom cell, gth-szv-molopt-sr, PBE) tiled onto the supercell
-    (`BlochHamiltonian.supercell`); the supercell Γ spectrum is exactly the primitive
-    spectrum folded, so σ = the primitive cell's midgap. Up to --compare-max-atoms the LU
-    of H − σS is also timed with SuperLU's minimum-degree ordering (the previous solver),
-    and one MINRES solve is timed at every size (the linear-memory alternative).
-    Model inference: `predict_record` (graph, chunked forward of the tiny preset at the
-    data's 9 Å cutoff with untrained weights, flat blocks) on the same supercell, in its own
-    process, up to --model-max-atoms.
-(b) Predict + diagonalize vs a PySCF SCF of the same 64-atom cell (Γ only); --no-speedup
-    skips it.
-(c) Dense vs sparse eigenvalues on the ~500-atom cell (max |Δε| in meV).
+(a) Si supercells of ~500 … 10⁴ (and, with --sizes, 10⁵) atoms: the large-cell path of
+    foundation-predict (`foundation.physics.large_cell`): sparse assembly, DOS / integrated
+    DOS / Fermi level / gap by the kernel polynomial method (stochastic, no factorization),
+    and 20 eigenpairs near E_F with the default solver (`choose_eig_solver`: MKL PARDISO when
+    installed); then the other interior solvers on the same matrices at the same energy
+    (SuperLU up to --superlu-max-atoms, Chebyshev filtering and PRIMME up to
+    --compare-max-atoms). Blocks: a real PySCF Si record (2-atom cell, gth-szv-molopt-sr,
+    PBE, 9 Å edges) tiled onto the supercell (`BlochHamiltonian.supercell`), so the spectrum
+    is known exactly (the primitive spectrum folded).
+    Model inference: `predict_record` (graph, chunked forward at 9 Å with untrained weights,
+    blocks, exact S from the overlap tables) of the tiny preset on the same supercell up to
+    --model-max-atoms, and of the base preset at --base-atoms, each in its own process.
+(b) Speedup over DFT: PySCF PBE SCF of 64- and 128-atom Si cells with the data generator's
+    settings and k-mesh rule, against model inference + S + diagonalization on the same
+    number of k-points (--no-speedup skips it).
+(c) Errors against dense diagonalization on the first size: KPM E_F and DOS (L1 distance
+    under the same kernel), eigenpairs.
 
-Each size and part runs in its own process so its peak RSS is its own. Prints a table and
-writes JSON (default runs/bench_physics.json).
+The JSON starts with a "summary" block (n_atoms_largest, total_s_largest, time_exponent,
+speedup_vs_pyscf_64, peak_GB_largest). Each size and part runs in its own process so its
+peak RSS is its own. Prints a table and writes JSON (default runs/bench_physics.json).
 
     python scripts/bench_physics.py [--quick] [--no-speedup] [--out runs/bench_physics.json]
 """
@@ -45,8 +49,10 @@ SIZES = {
     2000: (10, 10, 10),
     5096: (13, 14, 14),
     9826: (17, 17, 17),
+    20328: (22, 22, 21),
 }
-QUICK_SIZES = {128: (4, 4, 4), 250: (5, 5, 5), 504: (6, 6, 7)}
+QUICK_SIZES = {128: (4, 4, 4), 250: (5, 5, 5)}
+HUGE_SIZES = {101306: (37, 37, 37)}  # only with --sizes 101306
 
 
 def peak_rss_gb() -> float:
@@ -84,7 +90,7 @@ def midgap(ham) -> float:
     return fermi_level(ham.eigenvalues(mesh_kpoints((4, 4, 4))), ham.n_electrons).fermi_level_eV
 
 
-def tiny_model(cutoff: float):
+def preset_model(preset: str, cutoff: float):
     import torch
     from omegaconf import OmegaConf
 
@@ -92,11 +98,13 @@ def tiny_model(cutoff: float):
     from foundation.model import build_model
 
     torch.manual_seed(0)
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml")
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{preset}.yaml")
     return build_model(cfg, basis=BasisSet.from_pyscf("gth-szv-molopt-sr", ["Si"]), cutoff_A=cutoff)
 
 
-def model_inference(atoms, cutoff: float, edge_chunk: int, threads: int) -> dict:
+def model_inference(
+    atoms, cutoff: float, edge_chunk: int, threads: int, preset: str = "tiny"
+) -> dict:
     """`predict_record` of the tiny preset on ``atoms``: graph, chunked forward, flat blocks
     (seconds each), after an untimed warm-up on the 2-atom cell (einsum paths, allocator)."""
     import torch
@@ -105,7 +113,7 @@ def model_inference(atoms, cutoff: float, edge_chunk: int, threads: int) -> dict
     from foundation.physics.predict import predict_record
 
     torch.set_num_threads(threads)
-    model = tiny_model(cutoff).eval()
+    model = preset_model(preset, cutoff).eval()
     predict_record(model, bulk("Si"), n_electrons=8, progress=False)
     rss_model = peak_rss_gb()
     record, timings = predict_record(
@@ -119,91 +127,88 @@ def model_inference(atoms, cutoff: float, edge_chunk: int, threads: int) -> dict
 
 
 # --------------------------------------------------------------------------- (a) one size
-def compare_orderings(a, layout) -> dict:
-    """Factor time (s) and stored LU entries of A = H − σS: the solver's nested dissection
-    (symmetric mode) vs SuperLU's minimum degree on Aᵀ+A, with partial pivoting (the previous
-    solver) and in symmetric mode (ordering effect alone)."""
-    import scipy.sparse.linalg as spla
-
-    from foundation.physics.sparse import (
-        PIVOT_THRESHOLD,
-        Factorization,
-        nested_dissection_order,
-    )
-
-    out = {}
-    t0 = time.perf_counter()
-    nd = Factorization(a, nested_dissection_order(layout))
-    out["nested_dissection"] = {"factor_s": time.perf_counter() - t0, "lu_entries": nd.fill}
-    del nd
-    symmetric = {"diag_pivot_thresh": PIVOT_THRESHOLD, "options": {"SymmetricMode": True}}
-    for name, kw in {"mmd_at_plus_a": {}, "mmd_at_plus_a_symmetric": symmetric}.items():
-        t0 = time.perf_counter()
-        lu = spla.splu(a.tocsc(), permc_spec="MMD_AT_PLUS_A", **kw)
-        out[name] = {"factor_s": time.perf_counter() - t0, "lu_entries": int(lu.nnz)}
-        del lu
-    return out
-
-
 def worker(n_atoms: int, reps, args) -> dict:
-    import scipy.sparse.linalg as spla
-
+    """Tile the Si record onto the supercell, then the large-cell path of foundation-predict
+    (`large_cell_spectrum`: assembly, KPM DOS/E_F, 20 eigenpairs near E_F with the default
+    solver), then the other interior solvers on the same matrices at the same energy, and
+    (first size) dense diagonalization for the errors."""
+    from foundation.physics import kpm
     from foundation.physics.kspace import BlochHamiltonian
-    from foundation.physics.sparse import assemble_hs, eigs_near
+    from foundation.physics.large_cell import large_cell_spectrum
+    from foundation.physics.sparse import assemble_hs, choose_eig_solver, eigs_near
 
     prim = BlochHamiltonian.from_record(si_record(args.record))
-    sigma = midgap(prim)
-    out: dict = {"n_atoms": n_atoms, "reps": list(reps), "sigma_eV": sigma}
-    base = peak_rss_gb()  # interpreter + libraries + the 2-atom record
-    out["rss_baseline_GB"] = base
+    out: dict = {"n_atoms": n_atoms, "reps": list(reps), "midgap_primitive_eV": midgap(prim)}
+    out["rss_baseline_GB"] = peak_rss_gb()
     t0 = time.perf_counter()
     sc = prim.supercell(reps)
     out["tile_s"] = time.perf_counter() - t0
     out["n_orbitals"] = sc.n_orb
-    out["n_edges"] = len(sc.layout.edges)
-    t0 = time.perf_counter()
+    solver = choose_eig_solver(sc.n_orb)
+    res, moments = large_cell_spectrum(
+        sc, n_eigs=20, eig_solver=solver, kpm_resolution_eV=args.kpm_resolution,
+        kpm_vectors=args.kpm_vectors,
+    )  # fmt: skip
+    out |= {"default_solver": solver, "large_cell": res}
+    out["physics_s"] = sum(res["timings_s"].values())
+    ef = res["fermi"].get("fermi_level_kpm_eV", res["fermi"]["fermi_level_eV"])
+    ref_values = np.array(res["eigs"]["values_eV"])
+    others = [x for x in ("superlu", "pardiso", "chebyshev", "primme") if x != solver]
+    out["solvers"] = {}
     h, s = assemble_hs(sc)
-    out["assemble_s"] = time.perf_counter() - t0
-    out["nnz"] = int(h.nnz)
-    out["rss_after_assembly_GB"] = peak_rss_gb()
-    out["assembly_memory_GB"] = peak_rss_gb() - base  # blocks + layout + CSR H, S
-    # one MINRES application of (H − σS)⁻¹ (the linear-memory path), to rtol 1e-9
-    a = (h - sigma * s).tocsr()
-    b = np.random.default_rng(0).normal(size=a.shape[0])
-    it = [0]
-    t0 = time.perf_counter()
-    _, info = spla.minres(a, b, rtol=1e-9, callback=lambda _: it.__setitem__(0, it[0] + 1))
-    out["minres_solve_s"] = time.perf_counter() - t0
-    out["minres_iterations"] = it[0]
-    del a
-    t0 = time.perf_counter()
-    pairs = eigs_near(sc, sigma, n=20, solver="direct", vectors=False, matrices=(h, s))
-    out["eigs20_direct_s"] = time.perf_counter() - t0
-    out["eigs20_residual_eV"] = pairs.residual
-    out["eigs20_solves"] = pairs.n_solves
-    out["eigs20_lu_entries"] = pairs.factor_entries
-    out["eigs20_values_eV"] = pairs.values.tolist()
-    out["rss_after_direct_GB"] = peak_rss_gb()
-    if n_atoms <= args.compare_max_atoms:
-        out["orderings"] = compare_orderings((h - sigma * s).tocsr(), sc.layout)
-    if args.compare_dense and sc.n_orb <= 2500:  # (c)
+    for name in others:
+        limit = {"superlu": args.superlu_max_atoms, "pardiso": 10**9}.get(
+            name, args.compare_max_atoms
+        )
+        if n_atoms > limit or (name in ("pardiso", "primme") and not _installed(name)):
+            continue
+        t0 = time.perf_counter()
+        pairs = eigs_near(sc, ef, n=20, solver=name, vectors=False, matrices=(h, s))
+        out["solvers"][name] = {
+            "eigs20_s": time.perf_counter() - t0,
+            "max_diff_vs_default_eV": float(np.abs(pairs.values - ref_values).max()),
+            "residual_eV": pairs.residual,
+            "factor_entries": pairs.factor_entries,
+            "peak_rss_GB": peak_rss_gb(),
+        }
+    if args.compare_dense and sc.n_orb <= 5000:  # (c) errors against dense diagonalization
         t0 = time.perf_counter()
         dense = np.sort(sc.eigh((0, 0, 0)))
         out["dense_eigh_s"] = time.perf_counter() - t0
-        nearest = np.sort(dense[np.argsort(np.abs(dense - sigma))[:20]])
-        out["dense_vs_sparse_max_meV"] = float(1e3 * np.abs(nearest - pairs.values).max())
+        n_occ = int(sc.n_electrons) // 2
+        dense_ef = 0.5 * (dense[n_occ - 1] + dense[n_occ])
+        nearest = np.sort(dense[np.argsort(np.abs(dense - ef))[:20]])
+        ref = kpm.dense_moments(dense, moments.center_eV, moments.half_width_eV,
+                                len(moments.moments))  # fmt: skip
+        out["vs_dense"] = {
+            "eigs20_max_meV": float(1e3 * np.abs(nearest - ref_values).max()),
+            "kpm_fermi_error_meV": 1e3 * (ef - dense_ef),
+            "refined_fermi_error_meV": 1e3 * (res["fermi"]["fermi_level_eV"] - dense_ef),
+            "kpm_gap_eV": res["fermi"].get("gap_kpm_eV"),
+            "dense_gap_eV": float(dense[n_occ] - dense[n_occ - 1]),
+            "dos_l1": kpm.dos_l1_distance(moments, ref),
+        }
     out["peak_rss_GB"] = peak_rss_gb()
     return out
 
 
-def model_worker(n_atoms: int, reps, args) -> dict:
-    """Model inference on the (reps) supercell of the Si record's cell, in its own process."""
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def model_worker(n_atoms: int, reps, args, preset: str = "tiny") -> dict:
+    """Model inference (graph, forward, blocks, exact S) of ``preset`` on the (reps)
+    supercell of the Si record's cell, in its own process."""
     from foundation.physics.kspace import BlochHamiltonian
 
     atoms = BlochHamiltonian.from_record(si_record(args.record)).atoms.repeat(reps)
     base = peak_rss_gb()
-    out = model_inference(atoms, prim_cutoff(args), args.edge_chunk, args.threads)
-    return out | {"n_atoms": len(atoms), "rss_baseline_GB": base, "peak_rss_GB": peak_rss_gb()}
+    out = model_inference(atoms, prim_cutoff(args), args.edge_chunk, args.threads, preset)
+    out["inference_s"] = out["graph_s"] + out["model_s"] + out["blocks_s"]
+    return out | {"n_atoms": len(atoms), "preset": preset, "rss_baseline_GB": base,
+                  "peak_rss_GB": peak_rss_gb()}  # fmt: skip
 
 
 def prim_cutoff(args) -> float:
@@ -211,44 +216,54 @@ def prim_cutoff(args) -> float:
 
 
 # --------------------------------------------------------------------------- (b) SCF vs predict
-def scf_worker(n_cell: int, args) -> dict:
-    from ase.build import bulk
+def scf_worker(n_atoms: int, args) -> dict:
+    """PySCF PBE SCF of a Si supercell of the cubic 8-atom cell with the data generator's
+    settings (basis, pseudopotential, cutoffs, k-mesh rule `scf_kmesh`), timed."""
+    from foundation.data.dft.pyscf import run_scf, scf_kmesh
 
-    from foundation.data.dft.pyscf import run_scf
-
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((n_cell,) * 3)
+    atoms = si_cubic(n_atoms)
+    kmesh = scf_kmesh(np.asarray(atoms.cell), pbc=atoms.pbc)
     t0 = time.perf_counter()
-    run_scf(atoms, key=f"si{len(atoms)}", kmesh=(1, 1, 1))
-    return {"n_atoms": len(atoms), "scf_s": time.perf_counter() - t0, "kmesh": [1, 1, 1]}
+    run_scf(atoms, key=f"si{len(atoms)}")
+    return {"n_atoms": len(atoms), "scf_s": time.perf_counter() - t0, "kmesh": list(kmesh)}
 
 
-def predict_worker(n_cell: int, args) -> dict:
+def si_cubic(n_atoms: int):
+    """Si supercell of the cubic 8-atom cell (a = 5.43 Å) with ``n_atoms`` = 8·a·b·c atoms."""
     from ase.build import bulk
 
+    reps = {64: (2, 2, 2), 128: (2, 2, 4), 216: (3, 3, 3)}[n_atoms]
+    return bulk("Si", "diamond", a=5.43, cubic=True).repeat(reps)
+
+
+def predict_worker(n_atoms: int, args) -> dict:
+    """What replaces the SCF: tiny-model inference + exact S on the same cell, then the
+    generalized eigenproblem at as many k-points as the SCF's mesh. (The eigenproblem is
+    solved for tiled DFT blocks with the same orbital count: the untrained model's H has
+    no meaning, the cost is the same.)"""
+    from foundation.data.dft.pyscf import scf_kmesh
+    from foundation.physics.bands import mesh_kpoints
     from foundation.physics.kspace import BlochHamiltonian
 
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((n_cell,) * 3)
+    atoms = si_cubic(n_atoms)
+    kmesh = scf_kmesh(np.asarray(atoms.cell), pbc=atoms.pbc)
     m = model_inference(atoms, prim_cutoff(args), args.edge_chunk, args.threads)
-    # diagonalize at Γ a Hamiltonian of the model's block layout (tiled DFT blocks: the
-    # untrained model's S is not positive definite; the cost is the same)
     prim = BlochHamiltonian.from_record(si_record(args.record))
-    conv = _conventional(prim, n_cell)
+    reps = {64: (4, 4, 2), 128: (4, 4, 4), 216: (6, 6, 3)}[n_atoms]
+    cell = prim.supercell(reps)
     t0 = time.perf_counter()
-    conv.eigh((0, 0, 0))
-    return m | {"n_atoms": len(atoms), "diag_gamma_s": time.perf_counter() - t0}
-
-
-def _conventional(prim, n_cell: int):
-    """A cell with the orbital count of the cubic n_cell³ supercell (8·n_cell³ atoms): the
-    primitive-cell supercell (2n, 2n, n) has the same atom count and H layout density."""
-    return prim.supercell((2 * n_cell, 2 * n_cell, n_cell))
+    cell.eigenvalues(mesh_kpoints(kmesh))
+    diag = time.perf_counter() - t0
+    total = m["graph_s"] + m["model_s"] + m["blocks_s"] + diag
+    return m | {"n_atoms": n_atoms, "kmesh": list(kmesh), "diag_s": diag, "total_s": total}
 
 
 # --------------------------------------------------------------------------- driver
 def run_child(kind: str, arg: str, args, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, arg, "--compare-max-atoms",
-           str(args.compare_max_atoms), "--edge-chunk", str(args.edge_chunk),
-           "--threads", str(args.threads)]  # fmt: skip
+           str(args.compare_max_atoms), "--superlu-max-atoms", str(args.superlu_max_atoms),
+           "--edge-chunk", str(args.edge_chunk), "--threads", str(args.threads),
+           "--kpm-resolution", str(args.kpm_resolution), "--kpm-vectors", str(args.kpm_vectors)]  # fmt: skip
     if args.record:
         cmd += ["--record", str(args.record)]
     if args.compare_dense:
@@ -275,18 +290,49 @@ def fit_exponent(n: list[float], y: list[float]) -> float | None:
     return float(np.polyfit(x, v, 1)[0])
 
 
-def exponents(rows: list[dict], quantities: dict) -> dict:
-    """Fitted exponents of each quantity (name → function of a row, None when absent) over
-    all sizes and over the sizes ≥ 2000 atoms, where the fill of the LU is no longer
-    nearly dense."""
-    out = {}
-    for name, get in quantities.items():
-        pts = [(r["n_atoms"], get(r)) for r in rows if get(r) is not None]
-        large = [p for p in pts if p[0] >= 2000]
-        out[name] = {
-            "all_sizes": fit_exponent([p[0] for p in pts], [p[1] for p in pts]),
-            "n_atoms_ge_2000": fit_exponent([p[0] for p in large], [p[1] for p in large]),
-        }
+def step_times(row: dict, models: dict) -> dict:
+    """End-to-end seconds of one size by step: tiny inference + S (model worker), assembly,
+    KPM DOS/E_F, 20 eigenpairs (default solver)."""
+    t = row["large_cell"]["timings_s"]
+    m = models.get(row["n_atoms"], {})
+    return {"inference_and_S": m.get("inference_s"), "assemble": t.get("assemble"),
+            "dos_fermi_kpm": t.get("dos_fermi_kpm"), "eigs20": t.get("eigs_near_fermi")}  # fmt: skip
+
+
+def summarize(rep: dict) -> dict:
+    """The headline figures (issue 17): largest size end to end, exponents, speedup."""
+    ok = [r for r in rep["sizes"] if "error" not in r]
+    models = {m["n_atoms"]: m for m in rep["model"] if "error" not in m}
+    out: dict = {}
+    full = [r for r in ok if r["n_atoms"] in models]
+    if full:
+        big = max(full, key=lambda r: r["n_atoms"])
+        steps = step_times(big, models)
+        out["n_atoms_largest"] = big["n_atoms"]
+        out["total_s_largest"] = sum(v for v in steps.values() if v is not None)
+        out["steps_s_largest"] = steps
+        out["peak_GB_largest"] = max(big["peak_rss_GB"], models[big["n_atoms"]]["peak_rss_GB"])
+        totals = [(r["n_atoms"], sum(v for v in step_times(r, models).values() if v)) for r in full]
+        out["time_exponent"] = fit_exponent([a for a, _ in totals], [b for _, b in totals])
+    linear = {
+        name: fit_exponent([r["n_atoms"] for r in ok], [step_times(r, models)[name] for r in ok])
+        for name in ("assemble", "dos_fermi_kpm", "eigs20")
+    }
+    linear["inference_and_S"] = fit_exponent(
+        list(models), [m["inference_s"] for m in models.values()]
+    )
+    out["step_exponents"] = linear
+    no_eigs = [(r["n_atoms"], sum(v for k, v in step_times(r, models).items() if v and k != "eigs20"))
+               for r in full]  # fmt: skip
+    out["time_exponent_without_eigs"] = fit_exponent(
+        [a for a, _ in no_eigs], [b for _, b in no_eigs]
+    )
+    sp = {s["n_atoms"]: s for s in rep.get("speedup", []) if "speedup" in s}
+    out["speedup_vs_pyscf_64"] = sp.get(64, {}).get("speedup")
+    out["speedup_vs_pyscf_128"] = sp.get(128, {}).get("speedup")
+    base = [m for m in rep.get("model_base", []) if "error" not in m]
+    if base:
+        out["base_inference_s"] = {m["n_atoms"]: m["inference_s"] for m in base}
     return out
 
 
@@ -297,21 +343,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_physics.json"))
     p.add_argument("--record", type=Path, default=None, help="saved Si record directory")
     p.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
-    p.add_argument("--compare-max-atoms", type=int, default=2100,
-                   help="time minimum-degree LU orderings up to this size")  # fmt: skip
-    p.add_argument("--model-max-atoms", type=int, default=10_000)
-    p.add_argument("--edge-chunk", type=int, default=10_000, help="model inference chunk")
     p.add_argument(
-        "--threads",
-        type=int,
-        default=2,
-        help="torch and BLAS threads per child (on a busy 2-core machine 1 avoids the "
-        "oversubscription stalls of 2 threads; SuperLU itself runs on one core)",
+        "--sizes", type=int, nargs="+", default=None, help=f"atom counts from {sorted(SIZES)}"
     )
+    p.add_argument("--compare-max-atoms", type=int, default=1100,
+                   help="Chebyshev filtering and PRIMME up to this size")  # fmt: skip
+    p.add_argument("--superlu-max-atoms", type=int, default=5100)
+    p.add_argument("--model-max-atoms", type=int, default=10_000)
+    p.add_argument(
+        "--base-atoms", type=int, default=1024, help="size for the base preset's inference"
+    )
+    p.add_argument("--kpm-resolution", type=float, default=0.1, help="eV")
+    p.add_argument("--kpm-vectors", type=int, default=4)
+    p.add_argument("--edge-chunk", type=int, default=10_000, help="model inference chunk")
+    p.add_argument("--threads", type=int, default=2, help="torch and BLAS threads per child")
     p.add_argument("--no-speedup", action="store_true", help="skip (b), the SCF comparison")
-    p.add_argument("--scf-cells", type=int, nargs="+", default=[2, 1],
-                   help="cubic repeats for (b): tried in order until one finishes in --scf-timeout")  # fmt: skip
-    p.add_argument("--scf-timeout", type=float, default=420)
+    p.add_argument("--scf-atoms", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--scf-timeout", type=float, default=5400)
     p.add_argument("--size-timeout", type=float, default=3600)
     p.add_argument("--compare-dense", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -319,11 +367,12 @@ def main(argv=None) -> int:
 
     if args.worker:
         kind, arg = args.worker
-        all_sizes = {**SIZES, **QUICK_SIZES}
+        all_sizes = {**SIZES, **QUICK_SIZES, **HUGE_SIZES}
         if kind == "size":
             res = worker(int(arg), all_sizes[int(arg)], args)
-        elif kind == "model":
-            res = model_worker(int(arg), all_sizes[int(arg)], args)
+        elif kind in ("model", "model_base"):
+            preset = "tiny" if kind == "model" else "base"
+            res = model_worker(int(arg), all_sizes[int(arg)], args, preset)
         elif kind == "scf":
             res = scf_worker(int(arg), args)
         else:
@@ -336,8 +385,10 @@ def main(argv=None) -> int:
         os.environ[var] = str(args.threads)
     rec = si_record(args.record)  # compute/cache once before the children
     args.record = args.record or _cached_record_path(rec)
-    sizes = QUICK_SIZES if args.quick else SIZES
+    every = {**SIZES, **QUICK_SIZES, **HUGE_SIZES}
+    sizes = QUICK_SIZES if args.quick else {n: every[n] for n in (args.sizes or SIZES)}
     report: dict = {
+        "summary": {},
         "machine": {
             "threads": args.threads,
             "cpus": os.cpu_count(),
@@ -346,10 +397,10 @@ def main(argv=None) -> int:
         },
         "blocks": "real PySCF Si record (2 atoms, gth-szv-molopt-sr, PBE, "
         f"{rec.meta.get('edge_cutoff_A')} Å edges, {rec.n_edges} edges) tiled onto each supercell",
-        "solver": "eigs_near(solver='direct'): ARPACK shift-invert, SuperLU of H − σS in "
-        "METIS nested-dissection order of the atom graph (symmetric mode)",
+        "kpm": {"resolution_eV": args.kpm_resolution, "vectors": args.kpm_vectors},
         "sizes": [],
         "model": [],
+        "model_base": [],
     }
     first = True
     for n in sizes:
@@ -357,43 +408,18 @@ def main(argv=None) -> int:
         r = run_child("size", str(n), args, args.size_timeout)
         first = False
         report["sizes"].append(r)
-        print(
-            f"size {n}: {json.dumps({k: v for k, v in r.items() if k != 'eigs20_values_eV'})}",
-            flush=True,
-        )
+        print(f"size {n}: {json.dumps(r)[:600]}", flush=True)
         if n <= args.model_max_atoms:
             m = run_child("model", str(n), args, args.size_timeout)
             report["model"].append(m)
             print(f"model {n}: {json.dumps(m)}", flush=True)
-    ok = [r for r in report["sizes"] if "error" not in r]
-    ok_model = [r for r in report["model"] if "error" not in r]
-    report["exponents"] = exponents(
-        ok,
-        {
-            "assemble_time": lambda r: r["assemble_s"],
-            "assembly_memory": lambda r: r["assembly_memory_GB"],
-            "minres_solve_time": lambda r: r["minres_solve_s"],
-            "eigs20_direct_time": lambda r: r.get("eigs20_direct_s"),
-            "eigs20_peak_memory": lambda r: r["rss_after_direct_GB"] - r["rss_baseline_GB"],
-            "lu_entries": lambda r: r.get("eigs20_lu_entries"),
-        },
-    ) | exponents(
-        ok_model,
-        {
-            "model_time": lambda r: r["model_s"],
-            "model_peak_memory": lambda r: r["peak_rss_GB"] - r["rss_baseline_GB"],
-        },
-    )
-    solves = [r["eigs20_solves"] for r in ok if "eigs20_solves" in r]
-    n_solves = int(np.max(solves)) if solves else 180
-    report["eigs20_iterative_estimate"] = (
-        f"ARPACK needed up to {n_solves} applications of (H − σS)⁻¹ for 20 pairs at midgap "
-        "(measured with the LU path); iterative estimate = that × one measured MINRES solve"
-    )
-    for r in ok:
-        r["eigs20_iterative_estimate_s"] = n_solves * r["minres_solve_s"]
+    if args.base_atoms in {**SIZES, **QUICK_SIZES}:
+        m = run_child("model_base", str(args.base_atoms), args, args.size_timeout)
+        report["model_base"].append(m)
+        print(f"model base {args.base_atoms}: {json.dumps(m)}", flush=True)
     if not args.no_speedup:  # (b)
         report["speedup"] = speedup(args)
+    report["summary"] = summarize(report)
     report["loadavg_end"] = os.getloadavg()
     report["total_wall_s"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -403,20 +429,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def speedup(args) -> dict:
-    """(b): the first cell of --scf-cells whose SCF finishes, vs predict + Γ diagonalization."""
-    for n_cell in args.scf_cells:
-        scf = run_child("scf", str(n_cell), args, args.scf_timeout)
-        if "error" not in scf:
-            pred = run_child("predict", str(n_cell), args, args.size_timeout)
-            total = sum(pred.get(k, 0) for k in ("graph_s", "model_s", "blocks_s", "diag_gamma_s"))
-            return scf | {"predict": pred, "predict_plus_diag_s": total,
-                          "speedup": scf["scf_s"] / total if total else None}  # fmt: skip
-        print(
-            f"SCF of the {8 * n_cell**3}-atom cell: {scf['error']}; trying a smaller cell",
-            flush=True,
-        )
-    return {"error": "no SCF finished in time", "tried": args.scf_cells}
+def speedup(args) -> list[dict]:
+    """(b): PySCF SCF vs predict + diagonalization, for each of --scf-atoms."""
+    rows = []
+    for n in args.scf_atoms:
+        scf = run_child("scf", str(n), args, args.scf_timeout)
+        if "error" in scf:
+            rows.append({"n_atoms": n, "error": scf["error"]})
+            print(f"SCF of {n} atoms: {scf['error']}", flush=True)
+            continue
+        pred = run_child("predict", str(n), args, args.size_timeout)
+        total = pred.get("total_s")
+        rows.append(scf | {"predict": pred, "predict_total_s": total,
+                           "speedup": scf["scf_s"] / total if total else None})  # fmt: skip
+        print(f"speedup {n}: {json.dumps(rows[-1])}", flush=True)
+    return rows
 
 
 def _cached_record_path(rec) -> Path:
@@ -427,40 +454,31 @@ def _cached_record_path(rec) -> Path:
 
 
 def print_table(rep: dict) -> None:
-    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    print(f"\nBlocks: {rep['blocks']}; {rep['machine']}")
+    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    print(f"\nBlocks: {rep['blocks']}; KPM {rep['kpm']}; {rep['machine']}")
     models = {m["n_atoms"]: m for m in rep["model"] if "error" not in m}
-    print(f"{'atoms':>6} {'orbs':>6} {'nnz(H)':>10} {'asm s':>6} {'MINRES s':>8} "
-          f"{'eig20 s':>8} {'eig GB':>6} {'LU entries':>11} {'residual':>8} "
-          f"{'model s':>8} {'model GB':>8}")  # fmt: skip
+    print(f"{'atoms':>6} {'orbs':>6} {'infer+S s':>9} {'asm s':>6} {'KPM s':>7} {'eig20 s':>8} "
+          f"{'solver':>8} {'peak GB':>7} {'E_F eV':>8} {'gap eV':>7}  other solvers (eig20 s)")  # fmt: skip
     for r in rep["sizes"]:
         if "error" in r:
             print(f"  error: {r['error']}")
             continue
-        m = models.get(r["n_atoms"], {})
-        print(f"{r['n_atoms']:>6} {r['n_orbitals']:>6} {r['nnz']:>10} {f(r['assemble_s']):>6} "
-              f"{f(r['minres_solve_s']):>8} {f(r['eigs20_direct_s'], 1):>8} "
-              f"{f(r['rss_after_direct_GB']):>6} {r['eigs20_lu_entries']:>11} "
-              f"{r['eigs20_residual_eV']:>8.1e} {f(m.get('model_s'), 1):>8} "
-              f"{f(m.get('peak_rss_GB')):>8}")  # fmt: skip
-        for name, o in r.get("orderings", {}).items():
-            print(f"{'':>8}LU {name}: {o['factor_s']:.1f} s, {o['lu_entries']} entries")
-    print("scaling exponents (time or memory ∝ N^x):")
-    for k, v in rep["exponents"].items():
-        print(f"  {k}: all sizes {f(v['all_sizes'])}, ≥ 2000 atoms {f(v['n_atoms_ge_2000'])}")
-    first = rep["sizes"][0]
-    if "dense_vs_sparse_max_meV" in first:
-        print(f"(c) dense vs sparse, {first['n_atoms']} atoms, 20 eigenvalues near midgap: "
-              f"max |Δε| = {first['dense_vs_sparse_max_meV']:.2e} meV "
-              f"(dense eigh {first['dense_eigh_s']:.1f} s, sparse {first['eigs20_direct_s']:.1f} s)")  # fmt: skip
-    s = rep.get("speedup")
-    if s is None:
-        print("(b) skipped (--no-speedup)")
-    elif "error" in s:
-        print(f"(b) {s['error']}")
-    else:
-        print(f"(b) {s['n_atoms']}-atom Si, PySCF SCF (Γ) {s['scf_s']:.1f} s vs predict+diagonalize "
-              f"{s['predict_plus_diag_s']:.2f} s: speedup {s['speedup']:.0f}×")  # fmt: skip
+        st = step_times(r, models)
+        fermi = r["large_cell"]["fermi"]
+        others = ", ".join(f"{k} {v['eigs20_s']:.1f}" for k, v in r["solvers"].items())
+        print(f"{r['n_atoms']:>6} {r['n_orbitals']:>6} {f(st['inference_and_S']):>9} "
+              f"{f(st['assemble']):>6} {f(st['dos_fermi_kpm']):>7} {f(st['eigs20']):>8} "
+              f"{r['default_solver']:>8} {f(r['peak_rss_GB'], 2):>7} "
+              f"{f(fermi['fermi_level_eV'], 3):>8} {f(fermi.get('gap_eV'), 3):>7}  {others}")  # fmt: skip
+        if "vs_dense" in r:
+            print(f"{'':>8}vs dense: {json.dumps(r['vs_dense'])}")
+    for s in rep.get("speedup", []):
+        if "error" in s:
+            print(f"(b) {s['n_atoms']} atoms: {s['error']}")
+        else:
+            print(f"(b) {s['n_atoms']}-atom Si, PySCF SCF ({s['kmesh']}) {s['scf_s']:.0f} s vs "
+                  f"predict {s['predict_total_s']:.1f} s: speedup {s['speedup']:.0f}×")  # fmt: skip
+    print("summary:", json.dumps(rep["summary"], indent=1))
 
 
 if __name__ == "__main__":

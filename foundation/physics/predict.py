@@ -769,6 +769,8 @@ def _run(args: argparse.Namespace) -> int:
             summary["large_cell"] = info
             if args.compare:
                 summary["compare"] = "skipped: cell above --dense-max-orbitals"
+    except ImportError as exc:  # an optional eigensolver that is not installed
+        raise PredictError(str(exc)) from None
     except OverlapError as exc:
         hint = " (predicted S; try --overlap exact)" if args.overlap == "model" else ""
         raise PredictError(f"{exc}{hint}") from None
