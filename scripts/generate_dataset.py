@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if main_preset and not args.pack_only:
         args.records_dir.mkdir(parents=True, exist_ok=True)
-        (args.records_dir / MAIN_SKIPPED).write_text(json.dumps(skipped, indent=1, sort_keys=True))
+        tmp = args.records_dir / f".{MAIN_SKIPPED}.tmp"
+        tmp.write_text(json.dumps(skipped, indent=1, sort_keys=True))
+        tmp.replace(args.records_dir / MAIN_SKIPPED)  # atomic: never committed half-written
     if not args.pack_only:
         # main: failed keys are not rerun (failures.json keeps the reasons); looser SCF tolerance
         main_kw = {"retry_failed": False, "conv_tol": MAIN_CONV_TOL_HA} if main_preset else {}
