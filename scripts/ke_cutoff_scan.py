@@ -10,6 +10,7 @@ most ``tol_meV`` against the reference. The hardness of a GTH pseudopotential is
 of the atom, so the one-atom cell is a fair (and cheap) probe.
 
     OMP_NUM_THREADS=1 python scripts/ke_cutoff_scan.py H Li O F Ti     # → bench_results/ke_cutoff.json
+    python scripts/ke_cutoff_scan.py Na --rescan --candidates 120 160 200 --reference 260
 
 Each element's result is merged into the JSON as soon as it is known (resumable).
 """
@@ -53,16 +54,21 @@ def bands_at(symbol: str, ke_Ha: float) -> tuple[np.ndarray, int, list[int], flo
     return np.array(eigs) * ha, int(cell.nelectron), mesh, time.perf_counter() - t0
 
 
-def scan(symbol: str, tol_meV: float) -> dict:
-    """Reference run, then bisection over `CANDIDATES_HA` for the lowest candidate within
+def scan(
+    symbol: str,
+    tol_meV: float,
+    candidates: tuple[float, ...] = CANDIDATES_HA,
+    reference: float = REFERENCE_HA,
+) -> dict:
+    """Reference run, then bisection over ``candidates`` for the lowest one within
     ``tol_meV`` (band change falls monotonically with the cutoff), ~3 runs instead of 8."""
-    ref, n_electrons, ref_mesh, ref_s = bands_at(symbol, REFERENCE_HA)
+    ref, n_electrons, ref_mesh, ref_s = bands_at(symbol, reference)
     n_bands = min(ref.shape[1], (n_electrons + 1) // 2 + 2)  # half-filled band + 2 above
     rows = []
-    lo, hi = 0, len(CANDIDATES_HA)  # answer index in [lo, hi]; hi = none passes
+    lo, hi = 0, len(candidates)  # answer index in [lo, hi]; hi = none passes
     while lo < hi:
         mid = (lo + hi) // 2
-        ke = CANDIDATES_HA[mid]
+        ke = candidates[mid]
         eig, _, mesh, s = bands_at(symbol, ke)
         err = float(np.max(np.abs(eig[:, :n_bands] - ref[:, :n_bands]))) * 1000
         rows.append({"ke_Ha": ke, "max_band_change_meV": err, "fft_mesh": mesh, "seconds": s})
@@ -72,8 +78,8 @@ def scan(symbol: str, tol_meV: float) -> dict:
         else:
             lo = mid + 1
     return {
-        "chosen_ke_Ha": CANDIDATES_HA[lo] if lo < len(CANDIDATES_HA) else None,
-        "reference_Ha": REFERENCE_HA,
+        "chosen_ke_Ha": candidates[lo] if lo < len(candidates) else None,
+        "reference_Ha": reference,
         "reference_mesh": ref_mesh,
         "reference_s": ref_s,
         "bands_compared": n_bands,
@@ -85,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("elements", nargs="+")
     ap.add_argument("--tol-meV", type=float, default=3.0)
+    ap.add_argument("--candidates", type=float, nargs="+", default=list(CANDIDATES_HA),
+                    help="cutoffs (Ha) to bisect, ascending")  # fmt: skip
+    ap.add_argument("--reference", type=float, default=REFERENCE_HA, help="reference cutoff (Ha)")
+    ap.add_argument("--rescan", action="store_true", help="scan elements already in the JSON")
     ap.add_argument("--json", type=Path, default=Path("bench_results/ke_cutoff.json"))
     args = ap.parse_args(argv)
     for symbol in args.elements:
         data = json.loads(args.json.read_text()) if args.json.is_file() else {}
-        if symbol in data.get("elements", {}):
+        if symbol in data.get("elements", {}) and not args.rescan:
             continue
-        result = scan(symbol, args.tol_meV)
+        result = scan(symbol, args.tol_meV, tuple(args.candidates), args.reference)
         data = json.loads(args.json.read_text()) if args.json.is_file() else {}
         data.setdefault("method", __doc__.split("\n\n")[1].replace("\n", " "))
         data["tol_meV"] = args.tol_meV
