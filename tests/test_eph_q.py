@@ -342,3 +342,27 @@ def test_cell_phase_modes_are_supercell_modes(phonon_files, q):
     nu = modes.frequencies_THz[0]
     scale = np.sqrt(np.array(eigenvalues)) / nu
     np.testing.assert_allclose(scale, scale[0], rtol=1e-6)
+
+
+def test_supercell_maps_refuse_mismatches():
+    """A supercell whose atoms are not lattice translates of the primitive ones, or edges
+    built with a longer cutoff than the primitive list, are refused with the fix named."""
+    from foundation.data.graph import neighbor_edges
+    from foundation.physics.supercells import atom_cells, edge_map
+
+    si = bulk("Si", "diamond", a=A_SI)
+    sc = build_supercell(si, (2, 1, 1))
+    moved = sc.positions.copy()
+    moved[3] += 0.1
+    with pytest.raises(ValueError, match="build it with build_supercell"):
+        atom_cells(si, moved, len(si))
+    cell_sc = np.asarray(sc.cell)
+    prim_edges = neighbor_edges(si.numbers, si.positions, si.cell[:], si.pbc, 3.0)
+    sc_edges = neighbor_edges(sc.numbers, sc.positions, cell_sc, sc.pbc, 4.0)
+    with pytest.raises(ValueError, match="same cutoff"):
+        edge_map(si, (2, 1, 1), sc.positions, sc_edges, prim_edges)
+    same = neighbor_edges(sc.numbers, sc.positions, cell_sc, sc.pbc, 3.0)
+    index, cells = edge_map(si, (2, 1, 1), sc.positions, same, prim_edges)
+    assert len(index) == 2 * len(prim_edges) and np.bincount(index).tolist() == [2] * len(
+        prim_edges
+    )
