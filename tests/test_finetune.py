@@ -47,19 +47,23 @@ def _pretrained(double: bool = False):
     """The shipped model, rebuilt from its config (float64 + float64 Clebsch–Gordan
     coefficients with ``double``, for equivariance checks to 1e-8).
 
-    The checkpoint also stores e3nn's Wigner-3j buffers, in float32: loading them would
-    bring float32 rounding (~1e-8 relative equivariance error) back into the float64
-    model, so the freshly built float64 ones are put back after loading the weights."""
+    The shipped checkpoint still holds e3nn's Wigner-3j buffers in float32; they are never
+    loaded (`foundation.model.derived`), so the float64 model keeps its float64 ones."""
     payload = load_inference_checkpoint(PRETRAINED)
     config = payload["model_config"] | {"optimize_einsums": False}
     with double_precision() if double else torch.no_grad():
         model = build_model(config, basis=payload["basis"])
-    w3j = {k: v.clone() for k, v in model.state_dict().items() if "_w3j_" in k}
     model.load_state_dict(payload["state_dict"])
-    if not double:
-        return model
-    model.load_state_dict(w3j, strict=False)
-    return model.double()
+    return model.double() if double else model
+
+
+def _pretrained_weights(model) -> dict[str, torch.Tensor]:
+    """The shipped state_dict without derived buffers (rebuilt by the code, never exported)."""
+    from foundation.model.derived import derived_buffer_names
+
+    derived = derived_buffer_names(model)
+    state = load_inference_checkpoint(PRETRAINED)["state_dict"]
+    return {k: v for k, v in state.items() if k not in derived}
 
 
 def _batch(records, universal, dtype=torch.float32):
@@ -233,7 +237,7 @@ def test_predict_cli_target_hse_compares_with_hse06(finetuned, tmp_path, capsys)
 def test_frozen_backbone_stays_bit_identical(finetuned):
     """backbone=frozen: every pretrained tensor is exported unchanged, the new head moved."""
     module, export, _ = finetuned
-    before = load_inference_checkpoint(PRETRAINED)["state_dict"]
+    before = _pretrained_weights(module.model)
     after = load_inference_checkpoint(export)["state_dict"]
     assert set(before) <= set(after)
     changed = [name for name in before if not torch.equal(before[name], after[name])]
@@ -389,7 +393,7 @@ def test_two_process_finetune_hybrid_with_lora_and_replay(tmp_path, strategy):
     assert len(val) == 2 and all(np.isfinite(val)), val
     model = load_inference_model(out / "model.pt")
     assert keys.H_HSE in model.heads and model.bases == {keys.H_HSE: keys.H}
-    before = load_inference_checkpoint(PRETRAINED)["state_dict"]
+    before = _pretrained_weights(model)
     after = load_inference_checkpoint(out / "model.pt")["state_dict"]
     frozen = {name.replace(".parametrizations.weight.original", ".weight"): t
               for name, t in after.items() if not name.startswith("heads.h_hse.")

@@ -69,27 +69,6 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
             assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-9), (name, step)
 
 
-def test_interrupted_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
-    from foundation.train import checkpoint as ckpt_module
-    from foundation.train.checkpoint import AtomicCheckpointIO
-
-    path = tmp_path / "last.ckpt"
-    io = AtomicCheckpointIO()
-    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
-
-    def dies_halfway(obj, f):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
-        raise KeyboardInterrupt("killed during save")
-
-    monkeypatch.setattr(ckpt_module.torch, "save", dies_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=True)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
-
-
 def test_nan_batch_is_skipped_without_update(data, tmp_path):
     class PoisonSecondBatch(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

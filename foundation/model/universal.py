@@ -33,6 +33,7 @@ from foundation.model.backbone import (
     BackboneOutput,
     edge_slices,
 )
+from foundation.model.derived import exclude_derived_buffers
 from foundation.model.heads import HEADS
 from foundation.model.lora import LORA_KEYS, add_lora
 
@@ -69,6 +70,7 @@ class UniversalHamiltonianModel(nn.Module):
         self.config = None if config is None else dict(config)
         for name, head in heads.items():
             self.add_head(name, head, (bases or {}).get(name))
+        exclude_derived_buffers(self)  # Wigner-3j etc. are rebuilt, never loaded
 
     @property
     def cutoff_A(self) -> float:

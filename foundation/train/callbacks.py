@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class LatestModelCheckpoint(pl.callbacks.ModelCheckpoint):
-    """Lightning's ModelCheckpoint, except that ``last.ckpt`` is rewritten at every epoch end.
+    """Lightning's ModelCheckpoint, except that ``last.ckpt`` is rewritten at every epoch end
+    and when the run is preempted.
 
     Since pytorch-lightning 2.6 the epoch-end save writes ``last.ckpt`` only when a top-k
     checkpoint was written at the same step: once the monitored validation MAE stops improving,
@@ -38,6 +39,22 @@ class LatestModelCheckpoint(pl.callbacks.ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """SIGTERM (preemption, SLURM requeue, ``kill``): Lightning stops after the current
+        optimizer step on every rank and raises SIGTERMException; ``last.ckpt`` is written
+        first, so the rerun (ckpt_path=… or auto_resume=true) continues exactly there."""
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and self.save_last and self.dirpath:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            log.warning(
+                "SIGTERM: checkpoint of step %d written to %s",
+                trainer.global_step,
+                self.last_model_path,
+            )
 
 
 class PredictionFigures(pl.Callback):

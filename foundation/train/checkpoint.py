@@ -80,6 +80,67 @@ def checkpoint_metadata(model: nn.Module, run_config: Mapping | None) -> dict[st
     }
 
 
+def checkpoint_mismatch(
+    checkpoint: Mapping[str, Any], module: nn.Module, compare_tensors: bool = True
+) -> list[str]:
+    """What keeps a training checkpoint from resuming into ``module`` (a HamiltonianModule
+    built from the current config): a different basis, head set, or (``compare_tensors``;
+    not for ZeRO-3's partitioned parameters) parameter names and shapes. Empty when it
+    fits. Each entry says what the checkpoint has and what the run builds."""
+    meta = checkpoint.get("foundation") or {}
+    model = module.model
+    problems = []
+    old_basis = meta.get("basis")
+    if old_basis is not None and old_basis != model.basis.to_dict():
+        old_elements = list(meta.get("elements") or [])
+        added = [e for e in model.elements if e not in old_elements]
+        removed = [e for e in old_elements if e not in model.elements]
+        shells = [
+            f"{el}: {old_basis['shells'][el]} → {model.basis.to_dict()['shells'][el]}"
+            for el in old_elements
+            if el in model.elements
+            and old_basis.get("shells", {}).get(el) != model.basis.to_dict()["shells"].get(el)
+        ]
+        detail = "; ".join(
+            part
+            for part in (
+                f"elements only in the run: {', '.join(added)}" if added else "",
+                f"elements only in the checkpoint: {', '.join(removed)}" if removed else "",
+                f"shells {', '.join(shells)}" if shells else "",
+            )
+            if part
+        )
+        problems.append(
+            f"basis {old_basis.get('name')!r} (checkpoint) vs {model.basis.name!r} (run)"
+            + (f": {detail}" if detail else "")
+        )
+    old_heads = list((meta.get("model_config") or {}).get("heads") or [])
+    if old_heads and sorted(old_heads) != sorted(model.heads):
+        problems.append(f"heads {old_heads} (checkpoint) vs {list(model.heads)} (run)")
+    saved = checkpoint.get("state_dict")
+    if saved is not None and compare_tensors and not problems:
+        from foundation.model.derived import derived_buffer_names
+
+        current = module.state_dict()
+        derived = derived_buffer_names(module)  # older files hold them; never loaded
+        missing = [k for k in current if k not in saved]
+        unexpected = [k for k in saved if k not in current and k not in derived]
+        shapes = [
+            f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}"
+            for k, v in current.items()
+            if k in saved and tuple(saved[k].shape) != tuple(v.shape)
+        ]
+        for what, names in (
+            ("parameters the checkpoint lacks", missing),
+            ("parameters only in the checkpoint", unexpected),
+            ("parameter shapes differ", shapes),
+        ):
+            if names:
+                more = f" … {len(names) - 3} more" if len(names) > 3 else ""
+                problems.append(f"{what}: {', '.join(names[:3])}{more}")
+    return problems
+
+
 def _fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -95,16 +156,42 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to ``path`` via a temporary sibling + fsync + rename."""
+    """torch.save to ``path`` via a temporary sibling + fsync + rename.
+
+    A failed write (full disk, quota, I/O error) raises `OSError` naming ``path`` and
+    leaves the previous file in place; temporaries of writers killed earlier (``kill -9``
+    leaves ``.<name>.tmp-<pid>``) are removed after a successful write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(obj, tmp)
         _fsync_replace(tmp, path)
+    except OSError as exc:
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise OSError(
+            exc.errno,
+            f"Writing checkpoint {path} failed ({exc.strerror or exc}); {kept}. Free space "
+            "on that file system or point the run's output (paths.output_dir) elsewhere.",
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        if not _process_alive(stale.name.rsplit("-", 1)[-1]):
+            stale.unlink(missing_ok=True)
     return path
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether the process ``pid`` (a string from a file name) still runs on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -22,6 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
+PREEMPTED_EXIT_STATUS = 143
+"""Exit status after SIGTERM (128 + 15, as a shell reports a process killed by it): not
+success, so a scheduler or ``torchrun --max-restarts`` starts the run again."""
+
 
 def config_dir() -> str:
     """conf/ of this source tree (editable install), or $FOUNDATION_CONF_DIR."""
@@ -111,6 +115,13 @@ def _run_job_in_subprocess() -> None:
     subprocess.run(cmd, check=True)
 
 
+def last_checkpoint(cfg: DictConfig) -> Path:
+    """``last.ckpt`` of the run's checkpoint callback (default <output dir>/checkpoints/)."""
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    dirpath = checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
+    return Path(dirpath) / "last.ckpt"
+
+
 def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """(trainer, module, datamodule) for a composed config; validates it first."""
     import pytorch_lightning as pl
@@ -123,6 +134,9 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     from foundation.train.config import ConfigError, resolve_overlap_head, validate_config
 
     validate_config(cfg)
+    if cfg.get("auto_resume") and cfg.ckpt_path is None and last_checkpoint(cfg).exists():
+        cfg.ckpt_path = str(last_checkpoint(cfg))
+        log.info("auto_resume: resuming from %s", cfg.ckpt_path)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).exists():
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path} does not exist; point it at a checkpoint (…/checkpoints/last.ckpt)."
@@ -173,6 +187,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) as configured; returns the final logged metrics."""
+    from foundation.train.strategies import init_elastic_process_group
+
     trainer, module, datamodule = build(cfg)
     if all(
         os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
@@ -180,6 +196,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    init_elastic_process_group(trainer.strategy)  # torchrun restarts: per-attempt store keys
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -289,8 +306,18 @@ def main(cfg: DictConfig) -> float | None:
     if _multirun_job_needs_own_process(cfg):
         _run_job_in_subprocess()
         return None
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     try:
         metrics = train(cfg)
+    except SIGTERMException:
+        print(
+            f"foundation-train: stopped by SIGTERM (preemption); the latest state is in "
+            f"{last_checkpoint(cfg)}. Rerun the same command with auto_resume=true (or "
+            f"ckpt_path={last_checkpoint(cfg)}) to continue exactly where it stopped.",
+            file=sys.stderr,
+        )
+        sys.exit(PREEMPTED_EXIT_STATUS)
     except Exception as exc:
         error = user_error(exc)
         if error is None:

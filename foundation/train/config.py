@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 TOP_LEVEL = (
     "seed",
     "ckpt_path",
+    "auto_resume",
     "num_threads",
     "test",
     "paths",

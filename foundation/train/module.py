@@ -32,7 +32,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from foundation import keys
 from foundation.data.datamodule import EVAL_WEIGHT
 from foundation.train.band_loss import BANDS, BandLossConfig, band_term, sample_kpoints
-from foundation.train.checkpoint import checkpoint_metadata
+from foundation.train.checkpoint import checkpoint_metadata, checkpoint_mismatch, code_version
 from foundation.train.ema import EMA
 from foundation.train.losses import LOSSES, loss_sum, target_mask
 from foundation.train.metrics import BlockErrors, unit
@@ -417,6 +417,19 @@ class HamiltonianModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("foundation", {})
+        problems = checkpoint_mismatch(checkpoint, self, compare_tensors=not self._is_deepspeed)
+        if problems:
+            from foundation.train.config import ConfigError
+
+            path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ConfigError(
+                f"Cannot resume from {path} (written by foundation "
+                f"{meta.get('code_version', 'of an unknown version')}; this is "
+                f"{code_version()}): {'; '.join(problems)}. Resume with the run's own model and "
+                "data settings (its resolved config is the checkpoint's foundation.config and "
+                "<run dir>/config_resolved.yaml), or start a new run from its weights with "
+                "task=finetune_hybrid task.pretrained=<checkpoint> instead of ckpt_path."
+            )
         self.bad_steps = int(meta.get("bad_steps", 0))
         self._pending_ema = meta.get("ema")
         if self.ema is not None and self._pending_ema is not None:
