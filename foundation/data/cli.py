@@ -191,14 +191,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from foundation.data.dft.pyscf import generate_dataset
     except ImportError as exc:
         raise CLIError(f"PySCF generation is unavailable ({exc}).") from None
-    from ase.io import read
+    from foundation.physics.predict import PredictError, check_geometry, read_structure
 
     structures = []
     for path in map(Path, args.structures):
-        try:
-            atoms = read(path)
-        except Exception as exc:  # ase raises many types for unreadable files
-            raise CLIError(f"{path}: ASE cannot read this structure ({exc}).") from None
+        try:  # unreadable, empty, degenerate or overlapping: refused before any DFT runs
+            atoms = read_structure(path)
+            check_geometry(atoms, str(path))
+        except PredictError as exc:
+            raise CLIError(str(exc)) from None
         structures.append((sanitize_key(path.stem), atoms))
     kwargs = {"functional": args.functional, "basis": args.basis_name or "gth-szv-molopt-sr"}
     if args.cutoff is not None:

@@ -85,7 +85,7 @@ def _format_key(k: BlockKey) -> str:
 
 def is_deeph_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
-    return (path / MARKER).is_file() and (path / "orbital_types.dat").is_file()
+    return (path / MARKER).is_file()  # the reader names any other missing file
 
 
 def _read_orbital_types(path: Path, n_atoms: int) -> list[tuple[int, ...]]:

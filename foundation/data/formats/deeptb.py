@@ -83,7 +83,7 @@ def _format_key(k: BlockKey) -> str:
 
 def is_deeptb_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
-    return (path / MARKER).is_file() and (path / "positions.dat").is_file()
+    return (path / MARKER).is_file()  # the reader names any other missing file
 
 
 SIDECAR = "foundation.json"
