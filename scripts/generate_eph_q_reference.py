@@ -48,7 +48,7 @@ DFT_SETTINGS = {"cutoff_A": 9.0, "kspacing": 0.7, "alias_margin_A": 8.0, "conv_t
 DELTA_A = 0.01
 HELD_OUT_SEED = 11
 """Seed of the held-out perturbed Si cell (eph_mini's Si-diamond-00 was drawn with seed 2)."""
-PHONONS = Path("data_shards/eph_mini/phonons")
+PHONONS = Path(__file__).resolve().parents[1] / "data_shards" / "eph_mini" / "phonons"
 
 
 def primitive_cells() -> dict[str, Atoms]:
@@ -110,15 +110,14 @@ def compute_case(case, cells: dict, records_dir: Path, out_dir: Path) -> None:
     u, freqs = mode_patterns(primitive, PHONONS / phonon_file, q, modes)
     patterns, index = real_patterns(primitive, reps, q, u)
     folder = records_dir / key
-    if not (folder / "structure.json").is_file():
+    if not (folder / "info.json").is_file():  # written last: a finished run
         t0 = time.perf_counter()
         d = hamiltonian_derivatives(
             build_supercell(primitive, reps), patterns, key=key, delta_A=DELTA_A, **DFT_SETTINGS
         )
-        folder.mkdir(parents=True, exist_ok=True)
+        d.reference.save(folder)  # replaces the folder: the arrays go in after it
         np.save(folder / "dh_abs.npy", d.dh)
         np.save(folder / "ds.npy", d.ds)
-        d.reference.save(folder)
         (folder / "info.json").write_text(json.dumps({
             "seconds": time.perf_counter() - t0, "scf_runs": 1 + 2 * len(patterns),
         }))  # fmt: skip
