@@ -98,7 +98,7 @@ def test_cli_linewidth(si_files, tmp_path):
     summary = json.loads((out / "linewidth.json").read_text())
     r = summary["results"][0]
     assert r["gap_eV"] > 0.5 and r["n_q"] == 1
-    values = list(r["im_sigma_meV"].values())
+    values = [v for w in r["im_sigma_meV_by_width_meV"].values() for v in w.values()]
     assert all(np.isfinite(values)) and min(values) >= 0 and max(values) > 0
     assert (out / "linewidth.png").stat().st_size > 1000
 

@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lw.add_argument("--mesh", type=int, nargs="+", default=[2, 4], help="q meshes N (N×N×N)")
     lw.add_argument("--temperature", type=float, default=300.0, help="K")
-    lw.add_argument("--sigma", type=float, default=40.0, help="Gaussian width of δ, meV")
+    lw.add_argument(
+        "--sigma",
+        type=float,
+        nargs="+",
+        default=[10.0, 20.0, 40.0],
+        help="Gaussian widths of δ, meV",
+    )
     lw.add_argument("--head", default="h", help="Hamiltonian head of the model")
     lw.add_argument("--out", type=Path, default=Path("eph_out"))
     return ap
@@ -51,14 +57,19 @@ def _plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     mesh = [r["mesh_q"] for r in results]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for key, label in (("hole_vbm", "hole (VBM)"), ("electron_cbm", "electron (CBM)")):
-        ax.plot(mesh, [r["im_sigma_meV"][key] for r in results], "o-", label=label)
-    ax.set_xlabel("q mesh N (N×N×N)")
-    ax.set_ylabel("Im Σ (meV)")
-    first = results[0]
-    ax.set_title(f"{first['temperature_K']:.0f} K, σ = {first['sigma_meV']:.0f} meV", fontsize=9)
-    ax.legend()
+    widths = list(results[0]["im_sigma_meV_by_width_meV"])
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    for ax, (key, label) in zip(
+        axes, (("hole_vbm", "hole (VBM)"), ("electron_cbm", "electron (CBM)")), strict=True
+    ):
+        for w in widths:
+            values = [r["im_sigma_meV_by_width_meV"][w][key] for r in results]
+            ax.plot(mesh, values, "o-", label=f"σ = {w} meV")
+        ax.set_xlabel("q mesh N (N×N×N)")
+        ax.set_title(f"{label}, {results[0]['temperature_K']:.0f} K", fontsize=9)
+        ax.set_yscale("log")
+    axes[0].set_ylabel("Im Σ (meV)")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -70,7 +81,7 @@ def linewidth(args: argparse.Namespace) -> dict:
     from foundation.physics.phonons import load_phonon_model
     from foundation.physics.predict import load_model, read_structure
 
-    if any(n < 1 for n in args.mesh) or args.temperature <= 0 or args.sigma <= 0:
+    if any(n < 1 for n in args.mesh) or args.temperature <= 0 or min(args.sigma) <= 0:
         raise ValueError("--mesh values, --temperature and --sigma must be positive.")
     atoms = read_structure(args.structure)
     if not atoms.pbc.all():
@@ -83,14 +94,14 @@ def linewidth(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         r = band_edge_linewidths(
             model, atoms, phonons, n, temperature_K=args.temperature,
-            sigma_eV=1e-3 * args.sigma, head=args.head,
+            sigmas_eV=tuple(1e-3 * s for s in args.sigma), head=args.head,
         )  # fmt: skip
         results.append(r)
-        print(
-            f"q mesh {n}³: Im Σ hole {r['im_sigma_meV']['hole_vbm']:.2f} meV, electron "
-            f"{r['im_sigma_meV']['electron_cbm']:.2f} meV ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
+        shown = ", ".join(
+            f"σ {w} meV: hole {v['hole_vbm']:.2f}, electron {v['electron_cbm']:.2f}"
+            for w, v in r["im_sigma_meV_by_width_meV"].items()
         )
+        print(f"q mesh {n}³ ({time.perf_counter() - t0:.0f} s): Im Σ (meV) {shown}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {
         "model": str(args.model),

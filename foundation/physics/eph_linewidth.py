@@ -112,14 +112,15 @@ def band_edge_linewidths(
     mesh: int,
     *,
     temperature_K: float = 300.0,
-    sigma_eV: float = 0.04,
+    sigmas_eV: tuple[float, ...] = (0.01, 0.02, 0.04),
     head: str = "h",
     chunk_size: int | None = 1,
 ) -> dict:
     """Im Σ (meV) of the hole at the VBM and the electron at the CBM of ``primitive`` with
     ``model`` couplings on a Γ-centred ``mesh``³ q mesh and the modes of ``phonons``
-    (`PhononModel`); band edges located on the model's bands (`find_band_edges`). Returns a
-    JSON-ready dict with the edges, Im Σ, the linewidth 2 Im Σ and timings."""
+    (`PhononModel`) for each Gaussian width in ``sigmas_eV`` (one set of couplings); band
+    edges located on the model's bands (`find_band_edges`). Returns a JSON-ready dict with
+    the edges, Im Σ and the linewidth 2 Im Σ per width (keys: width in meV), timings."""
     import time
 
     from foundation.physics.eph import level_average
@@ -136,23 +137,29 @@ def band_edge_linewidths(
     kpoints = np.array([edges.vbm_k, edges.cbm_k])
     c = kernels.couplings(kpoints, qpoints, modes.zero_point_patterns(), modes.frequencies_THz)
     t2 = time.perf_counter()
-    im = imaginary_self_energy(
-        c.eps_k, c.eps_kq, c.frequencies_THz, np.abs(c.g_eV) ** 2,
-        temperature_K=temperature_K, mu_eV=0.5 * (edges.vbm_eV + edges.cbm_eV), sigma_eV=sigma_eV,
-    )  # fmt: skip
-    im = np.array([level_average(c.eps_k[i], 1e-4) @ im[i] for i in range(len(kpoints))])
-    hole, electron = 1e3 * im[0, edges.vbm_band], 1e3 * im[1, edges.cbm_band]
+    mu = 0.5 * (edges.vbm_eV + edges.cbm_eV)
+    g2 = np.abs(c.g_eV) ** 2
+    im_sigma = {}
+    for sigma in sigmas_eV:
+        im = imaginary_self_energy(
+            c.eps_k, c.eps_kq, c.frequencies_THz, g2, temperature_K=temperature_K, mu_eV=mu,
+            sigma_eV=sigma,
+        )  # fmt: skip
+        im = np.array([level_average(c.eps_k[i], 1e-4) @ im[i] for i in range(len(kpoints))])
+        im_sigma[f"{1e3 * sigma:g}"] = {
+            "hole_vbm": float(1e3 * im[0, edges.vbm_band]),
+            "electron_cbm": float(1e3 * im[1, edges.cbm_band]),
+        }
     return {
         "mesh_q": mesh,
         "n_q": len(qpoints),
         "supercell_atoms": len(primitive) * mesh**3,
         "temperature_K": temperature_K,
-        "sigma_meV": 1e3 * sigma_eV,
         "vbm": {"k_frac": edges.vbm_k.tolist(), "band": edges.vbm_band, "eV": edges.vbm_eV},
         "cbm": {"k_frac": edges.cbm_k.tolist(), "band": edges.cbm_band, "eV": edges.cbm_eV},
         "gap_eV": edges.cbm_eV - edges.vbm_eV,
-        "im_sigma_meV": {"hole_vbm": float(hole), "electron_cbm": float(electron)},
-        "linewidth_meV": {"hole_vbm": float(2 * hole), "electron_cbm": float(2 * electron)},
+        "im_sigma_meV_by_width_meV": im_sigma,
+        "linewidth_is": "2 Im Sigma",
         "seconds": {"kernels": t1 - t0, "couplings": t2 - t1},
     }
 
