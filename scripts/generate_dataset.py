@@ -138,11 +138,13 @@ def main_cost(atoms: Atoms) -> float:
 
 
 def main_order(structures: list[tuple[str, Atoms]], per_family: int = 3) -> list[tuple[str, Atoms]]:
-    """The ``per_family`` cheapest (`main_cost`) of every family first, then everything else
-    cheapest first: an interrupted generation has every family and the most structures."""
+    """The ``per_family`` cheapest (`main_cost`) first variants of every family first, then
+    variant-major (every prototype's variant 00 before any 01), cheapest first within a
+    variant: an interrupted generation has every family, the most prototypes and elements,
+    and the most structures."""
     from foundation.data.recipes import family_of
 
-    ranked = sorted(structures, key=lambda s: (main_cost(s[1]), s[0]))
+    ranked = sorted(structures, key=lambda s: (int(s[0][-2:]), main_cost(s[1]), s[0]))
     first: list[tuple[str, Atoms]] = []
     for fam in dict.fromkeys(family_of(k) for k, _ in structures):
         first += [s for s in ranked if family_of(s[0]) == fam][:per_family]
