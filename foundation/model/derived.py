@@ -17,9 +17,7 @@ from torch import nn
 
 def _is_derived_owner(module: nn.Module) -> bool:
     """e3nn modules and the fx graph modules e3nn compiles hold only derived constants."""
-    return type(module).__module__.startswith("e3nn.") or isinstance(
-        module, torch.fx.GraphModule
-    )
+    return type(module).__module__.startswith("e3nn.") or isinstance(module, torch.fx.GraphModule)
 
 
 def derived_buffer_names(model: nn.Module) -> set[str]:
