@@ -102,6 +102,12 @@ def linewidth(args: argparse.Namespace) -> dict:
             for w, v in r["im_sigma_meV_by_width_meV"].items()
         )
         print(f"q mesh {n}³ ({time.perf_counter() - t0:.0f} s): Im Σ (meV) {shown}", flush=True)
+        summary = _write(args, results)  # after every mesh: a long run keeps what it has
+    return summary
+
+
+def _write(args: argparse.Namespace, results: list[dict]) -> dict:
+    """linewidth.json and linewidth.png of the meshes done so far (atomic replace)."""
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {
         "model": str(args.model),
@@ -111,7 +117,9 @@ def linewidth(args: argparse.Namespace) -> dict:
         "Gaussian delta; linewidth = 2 Im Sigma; mu at midgap",
         "results": results,
     }
-    (args.out / "linewidth.json").write_text(json.dumps(summary, indent=1))
+    tmp = args.out / "linewidth.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(args.out / "linewidth.json")
     _plot(results, args.out / "linewidth.png")
     return summary
 
