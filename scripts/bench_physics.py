@@ -365,8 +365,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--base-atoms", type=int, default=1024, help="size for the base preset's inference"
     )
-    p.add_argument("--kpm-resolution", type=float, default=0.2, help="eV")
-    p.add_argument("--kpm-vectors", type=int, default=3)
+    p.add_argument(
+        "--kpm-resolution", type=float, default=0.1, help="eV (foundation-predict default)"
+    )
+    p.add_argument("--kpm-vectors", type=int, default=4)
     p.add_argument("--edge-chunk", type=int, default=10_000, help="model inference chunk")
     p.add_argument("--threads", type=int, default=2, help="torch and BLAS threads per child")
     p.add_argument("--no-speedup", action="store_true", help="skip (b), the SCF comparison")
