@@ -99,7 +99,7 @@ KE_CUTOFF_HA = {
     # (211 and 480 meV against 160 Ha) and are left out until measured against a higher
     # reference (ke_cutoff_scan.py --candidates 120 160 200 --reference 260).
     "H": 40, "Li": 60, "O": 100, "F": 120, "K": 30, "Ca": 50, "Sr": 80, "Ba": 20, "Pd": 50,
-    "Cd": 40, "Hf": 50, "Ta": 50,
+    "Cd": 40, "Hf": 50, "Ta": 50, "Ti": 100, "Zn": 100, "W": 60, "Pt": 80,
 }  # fmt: skip
 
 
