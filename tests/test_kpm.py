@@ -123,7 +123,8 @@ def test_eigensolvers_match_dense(si, solver):
 
 def test_auto_solver_choice():
     assert SP.choose_eig_solver(SP.DIRECT_MAX_ORBITALS + 1) == "iterative"
+    assert SP.choose_eig_solver(1000) == "superlu"
     expected = "pardiso" if SP.pardiso_available() else "superlu"
-    assert SP.choose_eig_solver(1000) == expected
+    assert SP.choose_eig_solver(SP.PARDISO_MIN_ORBITALS) == expected
     with pytest.raises(ValueError, match="unknown eig solver 'lapack'"):
         SP.eigs_near(None, 0.0, solver="lapack", matrices=(np.eye(4), np.eye(4)))

@@ -614,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--eig-solver",
         choices=EIG_SOLVERS,
         default="auto",
-        help="large cells: interior eigensolver (auto: PARDISO when installed, else SuperLU; "
-        "MINRES beyond ~6·10⁴ orbitals; see scripts/bench_physics.py)",
+        help="large cells: interior eigensolver (auto: SuperLU below 6000 orbitals, PARDISO "
+        "above when installed, MINRES beyond 6·10⁴ orbitals; see scripts/bench_physics.py)",
     )
     p.add_argument(
         "--fermi",

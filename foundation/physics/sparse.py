@@ -336,13 +336,22 @@ def pardiso_available() -> bool:
     return importlib.util.find_spec("pypardiso") is not None
 
 
+PARDISO_MIN_ORBITALS = 6_000
+"""`choose_eig_solver`: PARDISO from this many orbitals on (when installed). Measured for 20
+pairs on Si (bench_results/bench_physics.json, busy 2-core machine): 2 016 orbitals SuperLU
+2.0 s vs PARDISO 29 s (each of PARDISO's ~130 solves costs ~0.06 s of fixed overhead through
+pypardiso and MKL threading, more than the whole LU); 8 000 orbitals SuperLU 45 s vs PARDISO
+36 s, with half the factor entries (2.3e7 vs 4.8e7)."""
+
+
 def choose_eig_solver(n_orbitals: int) -> str:
-    """The solver "auto" picks: a sparse direct factorization up to `DIRECT_MAX_ORBITALS`
-    (PARDISO when installed — faster and half the memory of SuperLU at every size measured —
-    else SuperLU), MINRES beyond (memory linear in N)."""
+    """The solver "auto" picks: SuperLU for small matrices, PARDISO (when installed) from
+    `PARDISO_MIN_ORBITALS` up to `DIRECT_MAX_ORBITALS`, MINRES beyond (memory linear in N)."""
     if n_orbitals > DIRECT_MAX_ORBITALS:
         return "iterative"
-    return "pardiso" if pardiso_available() else "superlu"
+    if n_orbitals >= PARDISO_MIN_ORBITALS and pardiso_available():
+        return "pardiso"
+    return "superlu"
 
 
 def _eigs_near_unfactored(h, s, sigma, n, k, solver, tol, vectors, source) -> Eigenpairs:
