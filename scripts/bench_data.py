@@ -179,6 +179,11 @@ def _generation_row(record) -> dict:
     }
 
 
+def _num(x: float | None) -> float:
+    """NaN for a missing figure (printing only): a record without an empty band, no CPU time."""
+    return float("nan") if x is None else x
+
+
 def summarize_generation(rows: Sequence[dict]) -> dict:
     """Median/sum seconds and median/max band error (occupied, meV) by family and size bin."""
 
@@ -186,13 +191,15 @@ def summarize_generation(rows: Sequence[dict]) -> dict:
         t = [r["total_s"] for r in sel]
         cpu = [r["cpu_s"] for r in sel if r.get("cpu_s") is not None]
         e = [r["band_err_occ_meV"] for r in sel]
-        f = [r["band_err_first_empty_meV"] for r in sel]
+        f = [
+            r["band_err_first_empty_meV"] for r in sel if r["band_err_first_empty_meV"] is not None
+        ]
         return {
             "n": len(sel), "median_s": statistics.median(t), "sum_s": sum(t),
             "median_cpu_s": statistics.median(cpu) if cpu else None, "sum_cpu_s": sum(cpu),
             "median_band_err_occ_meV": statistics.median(e), "max_band_err_occ_meV": max(e),
-            "median_band_err_first_empty_meV": statistics.median(f),
-            "max_band_err_first_empty_meV": max(f),
+            "median_band_err_first_empty_meV": statistics.median(f) if f else None,
+            "max_band_err_first_empty_meV": max(f) if f else None,
         }  # fmt: skip
 
     by_family = {}
@@ -295,7 +302,7 @@ def print_generation_table(result: dict) -> None:
         print(
             f"  {r['key']:<22} {r['atoms']:>2} {r['orbitals']:>4} {r['edges']:>5} {km:>7} {dm:>7} "
             f"{r['scf_s']:>6.1f} {r['hamiltonian_s']:>5.1f} {r['total_s']:>6.1f} "
-            f"{r['band_err_occ_meV']:>8.2f} {r['band_err_first_empty_meV']:>9.2f}"
+            f"{r['band_err_occ_meV']:>8.2f} {_num(r['band_err_first_empty_meV']):>9.2f}"
         )
     if result["n"]:
         print(
@@ -308,10 +315,10 @@ def print_generation_table(result: dict) -> None:
         for g, v in groups.items():
             print(
                 f"  {g:<14} {v['n']:>4} {v['median_s']:>9.1f} "
-                f"{v['median_cpu_s'] if v['median_cpu_s'] is not None else float('nan'):>7.1f} "
+                f"{_num(v['median_cpu_s']):>7.1f} "
                 f"{v['sum_s'] / 3600:>6.2f} "
                 f"{v['median_band_err_occ_meV']:>7.2f}/{v['max_band_err_occ_meV']:<8.2f} "
-                f"{v['median_band_err_first_empty_meV']:>8.2f}/{v['max_band_err_first_empty_meV']:<8.2f}"
+                f"{_num(v['median_band_err_first_empty_meV']):>8.2f}/{_num(v['max_band_err_first_empty_meV']):<8.2f}"
             )
     for r in result["results"]:
         if "override" in r:

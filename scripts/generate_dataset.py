@@ -204,15 +204,16 @@ def dft_settings(structures: list[tuple[str, Atoms]]) -> dict:
 
 
 def band_error_summary(metas: dict[str, dict]) -> dict:
-    """Median / max (and worst key) of the records' ``band_error_meV`` per band window."""
-    return {
-        window: {
-            "median": float(np.median([m["band_error_meV"][window] for m in metas.values()])),
-            "max": max(m["band_error_meV"][window] for m in metas.values()),
-            "worst_key": max(metas, key=lambda k: metas[k]["band_error_meV"][window]),
-        }
-        for window in ("occupied", "first_empty")
-    }
+    """Median / max (and worst key) of the records' ``band_error_meV`` per band window (a
+    record without an empty band in its basis has None there and is left out of that window)."""
+    out = {}
+    for window in ("occupied", "first_empty"):
+        err = {k: m["band_error_meV"][window] for k, m in metas.items()}
+        err = {k: v for k, v in err.items() if v is not None}
+        worst = max(err, key=err.__getitem__)
+        out[window] = {"median": float(np.median(list(err.values()))), "max": err[worst],
+                       "worst_key": worst}  # fmt: skip
+    return out
 
 
 MAIN_TEST_COMPOSITIONS = ["GaAs", "SrTiO3", "ZnSe", "KBr", "WSe2", "MgF2"]

@@ -240,3 +240,25 @@ def test_dataset_structure_list_is_reproducible_from_the_seed():
     assert all(2 <= len(a) <= 8 for _, a in first)
     basis = gen.BasisSet.from_pyscf(gen.DEFAULT_BASIS, sorted(elements))
     assert any(2 in basis.shells_of(el) for el in elements)  # some l = 2 blocks
+
+
+def test_band_errors_without_an_empty_band():
+    """A filled minimal basis (e.g. Ba2: 5s5p6s holds all 20 valence electrons) has no first
+    empty band: the error is None there instead of an IndexError that fails the record."""
+    from foundation.basis import BasisSet
+    from foundation.data.synthetic import random_record
+
+    basis = BasisSet.from_spec({"Ba": "2s1p"})
+    record = random_record("Ba2", ["Ba", "Ba"], basis=basis, seed=3)
+    kpts = np.array([[0.0, 0.0, 0.0], [0.1, 0.2, 0.3]])
+    ref = gen.record_bands(record, kpts)
+    record.meta[keys.N_ELECTRONS] = 2 * ref.shape[1]  # every orbital filled
+    record.meta["dft_bands"] = {
+        "kpts_frac": kpts.tolist(),
+        "eigenvalues_eV": (ref + 0.002).tolist(),
+    }
+    err = gen.band_errors_meV(record)
+    assert err["first_empty"] is None
+    assert err["occupied"] == pytest.approx(2.0, abs=1e-3)
+    record.meta[keys.N_ELECTRONS] = 2 * ref.shape[1] - 2  # one band empty again
+    assert gen.band_errors_meV(record)["first_empty"] == pytest.approx(2.0, abs=1e-3)

@@ -265,17 +265,18 @@ def band_errors_meV(
     bands_key: str = "dft_bands",
     target: str = keys.H,
     energy_zero: str = keys.ENERGY_ZERO,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Max |ε(stored target, S) − ε(PySCF)| (meV) at the k-points of ``meta[bands_key]``,
     over the occupied bands and over the first empty band (counted from the valence
-    electrons). ``bands_key="dft_bands_hse", target=keys.H_HSE,
+    electrons; None when the minimal basis has no empty band, e.g. Ba with 5s5p6s only). ``bands_key="dft_bands_hse", target=keys.H_HSE,
     energy_zero=keys.ENERGY_ZERO_HSE`` checks the hybrid target of a paired record."""
     bands = record.meta[bands_key]
     ref = np.asarray(bands["eigenvalues_eV"])
     err = np.abs(record_bands(record, np.asarray(bands["kpts_frac"]), target, energy_zero) - ref)
     err *= 1000
     nocc = int(record.meta[keys.N_ELECTRONS]) // 2
-    return {"occupied": float(err[:, :nocc].max()), "first_empty": float(err[:, nocc].max())}
+    empty = float(err[:, nocc].max()) if nocc < err.shape[1] else None
+    return {"occupied": float(err[:, :nocc].max()), "first_empty": empty}
 
 
 def check_overlap(key: str, sk: np.ndarray, kpts_frac: np.ndarray, min_eig: float) -> float:
