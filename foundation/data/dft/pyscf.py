@@ -474,6 +474,7 @@ def run_scf(
     max_cycle: int = 100,
     dm0: object | None = None,
     min_vacuum_A: float = DEFAULT_MIN_VACUUM_A,
+    multigrid: bool = False,
 ) -> SCFResult:
     """Self-consistent KRKS on a Γ-centred ``kmesh`` (time-reversal-reduced); raises
     `SCFNotConverged`. A slab or sheet (``atoms.pbc`` false along an axis) runs as a 3-D
@@ -482,7 +483,10 @@ def run_scf(
     ``conv_tol`` (Ha) and ``conv_tol_grad`` (default √conv_tol) are PySCF's criteria; on a
     coarse FFT grid the orbital gradient has a floor (grid aliasing) that may need a looser
     ``conv_tol_grad``. ``dm0``: initial density matrix (e.g. a converged PBE one to start a
-    hybrid SCF; same cell and k-mesh)."""
+    hybrid SCF; same cell and k-mesh). ``multigrid``: Coulomb, XC and the local
+    pseudopotential on PySCF's multigrid (`MultiGridNumInt`: each Gaussian pair density on
+    the coarsest grid that resolves it, the fine ``ke_cutoff`` grid only for the tight
+    ones) instead of FFTDF on one full grid; semi-local functionals only."""
     from pyscf.pbc import dft
 
     hartree = hartree_ev()
@@ -505,6 +509,8 @@ def run_scf(
     mf.conv_tol = conv_tol
     mf.conv_tol_grad = conv_tol_grad
     mf.max_cycle = max_cycle
+    if multigrid:
+        mf = mf.multigrid_numint()
     if smearing_eV:
         mf = mf.smearing(sigma=smearing_eV / hartree, method="fermi")
     mf.kernel(dm0)
@@ -531,6 +537,7 @@ def record_from_scf(
     """H(R), S(R) of a converged SCF as a record (steps 2–7 of the module docstring)."""
     import scipy.linalg
     from pyscf.pbc import dft
+    from pyscf.pbc.dft.multigrid import MultiGridNumInt
 
     hartree = hartree_ev()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -542,6 +549,9 @@ def record_from_scf(
     kpts_full = mf.kpts.kpts
     mf_full = dft.KRKS(cell, kpts_full)
     mf_full.xc = scf.functional
+    multigrid = isinstance(mf._numint, MultiGridNumInt)
+    if multigrid:
+        mf_full = mf_full.multigrid_numint()
     # 2. Fock at the dense mesh (time-reversal representatives) and the band k-points
     dense_mesh = tuple(
         int(n)
@@ -608,6 +618,7 @@ def record_from_scf(
         "smearing_eV": scf.smearing_eV,
         "ke_cutoff_Ha": float(cell.ke_cutoff) if cell.ke_cutoff is not None else None,
         "fft_mesh": [int(m) for m in cell.mesh],
+        "multigrid": multigrid,
         "e_tot_eV": float(mf.e_tot) * hartree,
         "s_alias_error": alias,
         "s_min_eig": s_min,
@@ -641,6 +652,7 @@ def compute_record(
     min_overlap_eig: float = 1e-4,
     conv_tol: float = 1e-9,
     conv_tol_grad: float | None = None,
+    multigrid: bool = False,
 ) -> HamiltonianRecord:
     """Run periodic PBE (or ``functional``) with PySCF and return H(R), S(R) as a record.
 
@@ -649,12 +661,13 @@ def compute_record(
     `foundation.data.graph.neighbor_edges`); ``smearing_eV``: Fermi–Dirac kT, None for
     insulators; ``dense_mesh``: default = smallest mesh whose BvK supercell has no vector
     shorter than ``cutoff_A + alias_margin_A``; ``ke_cutoff_Ha``: FFT-grid cutoff (default
-    `KE_CUTOFF_HA`). Method: module docstring (`run_scf` then `record_from_scf`).
+    `KE_CUTOFF_HA`); ``multigrid``: see `run_scf`. Method: module docstring (`run_scf`
+    then `record_from_scf`).
     """
     scf = run_scf(
         atoms, key=key, basis=basis, functional=functional, kmesh=kmesh, pseudo=pseudo,
         smearing_eV=smearing_eV, ke_cutoff_Ha=ke_cutoff_Ha, kspacing=kspacing, conv_tol=conv_tol,
-        conv_tol_grad=conv_tol_grad,
+        conv_tol_grad=conv_tol_grad, multigrid=multigrid,
     )  # fmt: skip
     return record_from_scf(
         scf, cutoff_A=cutoff_A, band_kpts_frac=band_kpts_frac, dense_mesh=dense_mesh,
