@@ -486,7 +486,11 @@ def run_scf(
     hybrid SCF; same cell and k-mesh). ``multigrid``: Coulomb, XC and the local
     pseudopotential on PySCF's multigrid (`MultiGridNumInt`: each Gaussian pair density on
     the coarsest grid that resolves it, the fine ``ke_cutoff`` grid only for the tight
-    ones) instead of FFTDF on one full grid; semi-local functionals only."""
+    ones) instead of FFTDF on one full grid; semi-local functionals only. Not used for the
+    shipped datasets: on five pbe_main structures of 2–12 atoms it saved CPU time only for
+    BaO (−39 %), cost more for LiF and an Al slab (+34 %, +32 %), and moved stored H
+    elements by up to 210 meV at PySCF's default multigrid precision
+    (`bench_results/bench_data_multigrid.json`)."""
     from pyscf.pbc import dft
 
     hartree = hartree_ev()
