@@ -233,6 +233,8 @@ def pack_main(
     """Shard the finished pbe_main records with the held-out compositions and families; the
     manifest reports counts, seconds and band error per family and atom count, and every
     structure left out with its reason (no element in the basis/cutoff table, failed run)."""
+    from ase.data import chemical_symbols
+
     from foundation.data.recipes import family_of
     from foundation.data.shards import saved_records, write_shards
 
@@ -275,6 +277,12 @@ def pack_main(
             f"{lo}-{hi}": sum(lo <= n <= hi for n in sizes) for lo, hi in ((1, 7), (8, 32))
         },
         "band_error_meV": band_error_summary(metas),
+        "band_error_meV_by_element": {  # long-ranged H (diffuse s of Li, K, Ba...) shows here
+            chemical_symbols[z]: band_error_summary(
+                {k: m for k, m in metas.items() if z in records[k].numbers}
+            )
+            for z in sorted({int(z) for r in records.values() for z in r.numbers})
+        },
     }  # fmt: skip
     return write_shards(
         records.values(), out_dir, name=MAIN_NAME, samples_per_shard=32, seed=seed,

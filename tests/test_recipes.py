@@ -250,3 +250,5 @@ def test_main_split_policy_holds_on_the_structure_list(tmp_path):
     assert set(manifest["families"]) == set(recipes.FAMILIES)
     assert sum(f["structures"] for f in manifest["families"].values()) == len(structures) - 1
     assert manifest["atoms_per_structure"]["8-32"] >= 150
+    saved_elements = {s for _, a in structures[1:] for s in a.get_chemical_symbols()}
+    assert set(manifest["band_error_meV_by_element"]) == saved_elements
