@@ -25,8 +25,15 @@ and then also reports max |ΔH| against the default run of the same structure.
     OMP_NUM_THREADS=1 python scripts/bench_data.py generation --preset main
     python scripts/bench_data.py generation --preset main --records data_shards/pbe_main_records
 
+Workers: wall time of the same few cheap pbe_main structures generated with 1 worker × 1 or
+2 OpenMP threads and with 2 workers × 1 thread (two workers on two cores must not be slower
+than one); run it on an otherwise idle machine.
+
+    python scripts/bench_data.py workers
+
 Results are merged into ``bench_results/bench_data.json`` under the keys ``"reader"``,
-``"generation"`` (fresh runs) and ``"generation_records"`` (other keys of that file are kept).
+``"generation"`` (fresh runs), ``"generation_records"`` and ``"generation_workers"`` (other
+keys of that file are kept).
 """
 
 from __future__ import annotations
@@ -343,6 +350,62 @@ def print_generation_table(result: dict) -> None:
             )
 
 
+WORKER_KEYS = (
+    "bulk-AlP-zincblende-00", "bulk-AlAs-zincblende-00", "bulk-Sn-diamond-00",
+    "bulk-PbTe-rocksalt-00", "bulk-GeTe-rocksalt-00", "bulk-AlSb-zincblende-00",
+    "supercell-AlP-zincblende-rattle-00", "supercell-AlP-zincblende-alloy-00",
+)  # fmt: skip
+"""Cheap pbe_main structures (5-20 CPU-s each, 2-8 atoms) for `bench_workers`."""
+WORKER_SETTINGS = ((1, 1), (1, 2), (2, 1))
+"""(process-pool workers, OpenMP threads per worker) compared by `bench_workers`."""
+
+
+def _generate_subset(keys: Sequence[str], out: str, workers: int) -> None:
+    """Child process of `bench_workers`: `generate_dataset` on ``keys`` of ``--preset main``
+    with the generator's own settings (its OpenMP threads come from the environment)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import generate_dataset as gd
+
+    from foundation.data.dft.pyscf import generate_dataset
+
+    structures = dict(gd.main_structures(gd.SEED)[0])
+    generate_dataset(
+        [(k, structures[k]) for k in keys], out, workers=workers, cutoff_A=gd.CUTOFF_A,
+        kspacing=gd.KSPACING, alias_margin_A=gd.ALIAS_MARGIN_A, conv_tol=gd.MAIN_CONV_TOL_HA,
+    )  # fmt: skip
+
+
+def bench_workers(keys: Sequence[str]) -> dict:
+    """Wall seconds to generate the same structures (fresh, into a temporary directory) with
+    each (workers, OpenMP threads) of `WORKER_SETTINGS`, each in a fresh process so the thread
+    count takes effect; structures per hour and CPU seconds of the children. Two workers on
+    two cores should be at least as fast as one worker with two threads."""
+    import resource
+    import subprocess
+
+    rows = []
+    for workers, threads in WORKER_SETTINGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = os.environ | {"OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+                                "MKL_NUM_THREADS": str(threads)}  # fmt: skip
+            code = ("import sys; sys.path.insert(0, 'scripts'); import bench_data; "
+                    f"bench_data._generate_subset({list(keys)!r}, {tmp!r}, {workers})")  # fmt: skip
+            cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True)  # fmt: skip
+            wall = time.perf_counter() - t0
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            done = sum((Path(tmp) / k / "structure.json").is_file() for k in keys)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        rows.append({"workers": workers, "omp_threads": threads, "structures": done,
+                     "wall_s": wall, "cpu_s": cpu, "structures_per_hour": 3600 * done / wall})  # fmt: skip
+        print(f"  workers {workers} threads {threads}: {wall:.1f} s wall, {cpu:.1f} s CPU, "
+              f"{done}/{len(keys)} structures", flush=True)  # fmt: skip
+    return {"keys": list(keys), "machine": f"{platform.node()} · {os.cpu_count()} CPUs",
+            "load_average_after": os.getloadavg(), "results": rows}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -359,7 +422,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="A/B: also run with this compute_record setting (float)")  # fmt: skip
     g.add_argument("--records", type=Path, help="summarise stored records instead of computing")
     g.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    w = sub.add_parser("workers", help="generation wall time: 1 vs 2 workers, 1 vs 2 threads")
+    w.add_argument("--keys", nargs="+", default=list(WORKER_KEYS))
+    w.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
+    if args.command == "workers":
+        merge_json(args.json, "generation_workers", bench_workers(args.keys))
+        print(f"wrote {args.json}")
     if args.command == "generation":
         overrides = {k: float(v) for k, v in (item.split("=", 1) for item in args.set)}
         result = bench_generation(args.keys, args.records, args.preset, overrides)
