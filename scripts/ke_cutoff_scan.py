@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from foundation.data.dft.pyscf import build_cell, hartree_ev  # noqa: E402
+from foundation.data.dft.pyscf import atomic_guess, build_cell, hartree_ev  # noqa: E402
 
 CANDIDATES_HA = (20, 30, 40, 50, 60, 80, 100, 120)
 REFERENCE_HA = 160
@@ -48,7 +48,8 @@ def bands_at(symbol: str, ke_Ha: float) -> tuple[np.ndarray, int, list[int], flo
     mf = dft.KRKS(cell, kpts).smearing(sigma=0.1 / ha, method="fermi")
     mf.xc = "PBE"
     mf.conv_tol = 1e-9
-    mf.kernel()
+    guess = atomic_guess(mf)
+    mf.kernel(mf.get_init_guess(key="1e") if guess is None else guess)
     eigs, _ = mf.get_bands(cell.get_abs_kpts(BAND_KPTS))
     mesh = [int(m) for m in cell.mesh]
     return np.array(eigs) * ha, int(cell.nelectron), mesh, time.perf_counter() - t0
