@@ -210,6 +210,9 @@ def band_error_summary(metas: dict[str, dict]) -> dict:
     for window in ("occupied", "first_empty"):
         err = {k: m["band_error_meV"][window] for k, m in metas.items()}
         err = {k: v for k, v in err.items() if v is not None}
+        if not err:
+            out[window] = {"median": None, "max": None, "worst_key": None}
+            continue
         worst = max(err, key=err.__getitem__)
         out[window] = {"median": float(np.median(list(err.values()))), "max": err[worst],
                        "worst_key": worst}  # fmt: skip

@@ -252,3 +252,19 @@ def test_main_split_policy_holds_on_the_structure_list(tmp_path):
     assert manifest["atoms_per_structure"]["8-32"] >= 150
     saved_elements = {s for _, a in structures[1:] for s in a.get_chemical_symbols()}
     assert set(manifest["band_error_meV_by_element"]) == saved_elements
+
+
+def test_band_error_summary_skips_records_without_an_empty_band():
+    """A record whose minimal basis is full (first_empty None) counts in the occupied window
+    only; a group with no empty band at all reports None instead of failing the manifest."""
+    summary = _generate_script().band_error_summary
+    metas = {"a": {"band_error_meV": {"occupied": 3.0, "first_empty": None}},
+             "b": {"band_error_meV": {"occupied": 1.0, "first_empty": 7.0}}}  # fmt: skip
+    out = summary(metas)
+    assert out["occupied"] == {"median": 2.0, "max": 3.0, "worst_key": "a"}
+    assert out["first_empty"] == {"median": 7.0, "max": 7.0, "worst_key": "b"}
+    assert summary({"a": metas["a"]})["first_empty"] == {
+        "median": None,
+        "max": None,
+        "worst_key": None,
+    }
