@@ -95,11 +95,13 @@ KE_CUTOFF_HA = {
     "Pb": 20,
     # Measured by scripts/ke_cutoff_scan.py (bench_results/ke_cutoff.json): one-atom fcc
     # cell, bands up to two above the (half-)filled one within 3 meV of 160 Ha (F: 3.4 meV
-    # at 120 Ha, the highest candidate). Na (q9) and Mg (q10) are not converged at 120 Ha
-    # (211 and 480 meV against 160 Ha) and are left out until measured against a higher
-    # reference (ke_cutoff_scan.py --candidates 120 160 200 --reference 260).
+    # at 120 Ha, the highest candidate). Na (q9) and Mg (q10) are left out: against 260 Ha
+    # their bands still move by 20 and 100 meV at 200 Ha (and by 82 and 197 meV at 160 Ha),
+    # so they need ≳ 300 Ha, i.e. FFT grids ~3× those of O.
     "H": 40, "Li": 60, "O": 100, "F": 120, "K": 30, "Ca": 50, "Sr": 80, "Ba": 20, "Pd": 50,
     "Cd": 40, "Hf": 50, "Ta": 50, "Ti": 100, "Zn": 100, "W": 60, "Pt": 80,
+    "Be": 120, "Cs": 20, "Sc": 100, "V": 100, "Cu": 120, "Ga": 120, "Zr": 60, "Nb": 40,
+    "Y": 60, "Mo": 30, "Au": 40, "Tl": 40, "Bi": 20,
 }  # fmt: skip
 
 
