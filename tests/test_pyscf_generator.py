@@ -211,6 +211,22 @@ def test_generate_dataset_failures_accumulate_over_resumed_runs(tmp_path, fake_c
     assert (tmp_path / "bad" / "structure.json").is_file()
 
 
+def test_generate_dataset_reports_a_failure_before_the_run_ends(tmp_path, fake_compute):
+    """failures.json is written when a structure fails, not only at the end, so a run killed
+    later (SIGTERM/SIGKILL skip the final write) keeps the reason: the next structure
+    already sees it on disk."""
+    _, structures = fake_compute
+    seen = []
+
+    def watch(atoms, *, key, **kw):
+        report = tmp_path / "failures.json"
+        seen.append(json.loads(report.read_text()) if report.is_file() else None)
+        return gen.compute_record(atoms, key=key, **kw)
+
+    gen.generate_dataset(structures, tmp_path, cutoff_A=6.0, compute=watch)
+    assert seen[0] is None and "SCF exploded" in seen[2]["bad"]
+
+
 @pytest.mark.multiprocess
 def test_generate_dataset_process_pool(tmp_path, fake_compute):
     """workers > 1: the same records and failure report (forked workers inherit the fake)."""

@@ -951,13 +951,20 @@ def generate_dataset(
         done |= set(failures)
     bar = tqdm(total=len(structures), initial=len(done), desc="PySCF records", unit="structure")
 
+    def save_failures() -> None:
+        tmp = out / f".failures.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(failures, indent=1, sort_keys=True))
+        os.replace(tmp, out / "failures.json")  # atomic: never a half-written report
+
     def report(key: str, error: str | None, seconds: float) -> None:
         bar.update(1)
         if error is None:
-            failures.pop(key, None)
+            if failures.pop(key, None) is not None:
+                save_failures()
             bar.set_postfix_str(f"{key} {seconds:.0f}s")
         else:
             failures[key] = error
+            save_failures()  # now, not at the end: a killed run keeps its reasons
             bar.write(f"FAILED {key}: {error}")
             log.error("structure %s failed: %s", key, error)
 
@@ -975,7 +982,5 @@ def generate_dataset(
     finally:
         bar.close()
         if failures or (out / "failures.json").exists():
-            tmp = out / f".failures.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(failures, indent=1, sort_keys=True))
-            os.replace(tmp, out / "failures.json")  # atomic: never a half-written report
+            save_failures()
     return [out / k for k in keys_in if (out / k / "structure.json").is_file()]
