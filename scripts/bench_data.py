@@ -229,6 +229,34 @@ def _max_h_difference_meV(a, b) -> float | None:
     return float(np.abs(a.absolute_h() - b.absolute_h()).max() * 1000)
 
 
+def remaining_cost(rows: Sequence[dict], records_dir: Path) -> dict:
+    """CPU-hours left for ``--preset main``: log CPU-s of the finished records fitted linearly
+    in log `generate_dataset.main_cost` (k-points × FFT grid × orbitals), applied to every
+    runnable structure without a record or a failure."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import generate_dataset as gd
+
+    structures = dict(gd.main_structures(gd.SEED)[0])
+    timed = [r for r in rows if r.get("cpu_s") and r["cpu_s"] > 5 and r["key"] in structures]
+    x = np.log([gd.main_cost(structures[r["key"]]) for r in timed])
+    y = np.log([r["cpu_s"] for r in timed])
+    slope, icpt = np.polyfit(x, y, 1)
+    failures = records_dir / "failures.json"
+    failed = json.loads(failures.read_text()) if failures.is_file() else {}
+    left = [k for k in structures if not (records_dir / k / "structure.json").is_file()
+            and k not in failed]  # fmt: skip
+    by_family: dict[str, float] = {}
+    for k in left:
+        cpu = float(np.exp(icpt + slope * np.log(gd.main_cost(structures[k]))))
+        by_family[_family(k)] = by_family.get(_family(k), 0.0) + cpu / 3600
+    return {"fit": {"exponent": float(slope), "n": len(timed),
+                    "scatter_factor": float(np.exp(np.std(y - (icpt + slope * x))))},
+            "structures_left": len(left), "cpu_hours_left": sum(by_family.values()),
+            "cpu_hours_left_by_family": by_family}  # fmt: skip
+
+
 def bench_generation(
     keys: Sequence[str] | None = None,
     records_dir: Path | None = None,
@@ -245,6 +273,7 @@ def bench_generation(
     from foundation.data.record import HamiltonianRecord
 
     failed: dict[str, str] = {}
+    estimate = None
     if records_dir is not None:
         rows = [
             _generation_row(HamiltonianRecord.load(d))
@@ -252,6 +281,8 @@ def bench_generation(
             if (d / "structure.json").is_file()
         ]
         source = f"timings stored in {records_dir}"
+        if preset == "main":
+            estimate = remaining_cost(rows, Path(records_dir))
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import generate_dataset as gd
@@ -307,6 +338,7 @@ def bench_generation(
         "median_total_s": statistics.median(totals) if totals else None,
         "sum_total_s": sum(totals),
         "summary": summarize_generation(rows) if rows else {},
+        **({"remaining": estimate} if estimate else {}),
         "results": rows,
     }
 
@@ -329,6 +361,10 @@ def print_generation_table(result: dict) -> None:
         print(
             f"  median {result['median_total_s']:.1f} s/structure, total {result['sum_total_s'] / 60:.1f} min"
         )
+    if "remaining" in result:
+        r = result["remaining"]
+        print(f"  left: {r['structures_left']} structures, ~{r['cpu_hours_left']:.1f} CPU-h "
+              f"(CPU-s ∝ cost^{r['fit']['exponent']:.2f}, scatter ×{r['fit']['scatter_factor']:.1f})")  # fmt: skip
     for name, groups in result.get("summary", {}).items():
         print(
             f"  {name}: {'n':>4} {'median s':>9} {'cpu s':>7} {'sum h':>6} {'occ meV med/max':>16} {'empty meV med/max':>18}"
