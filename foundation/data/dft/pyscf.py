@@ -270,8 +270,9 @@ def band_errors_meV(
 ) -> dict[str, float | None]:
     """Max |ε(stored target, S) − ε(PySCF)| (meV) at the k-points of ``meta[bands_key]``,
     over the occupied bands and over the first empty band (counted from the valence
-    electrons; None when the minimal basis has no empty band, e.g. Ba with 5s5p6s only). ``bands_key="dft_bands_hse", target=keys.H_HSE,
-    energy_zero=keys.ENERGY_ZERO_HSE`` checks the hybrid target of a paired record."""
+    electrons; None when the minimal basis has no empty band, e.g. Ba2 with 5s5p6s only).
+    ``bands_key="dft_bands_hse", target=keys.H_HSE, energy_zero=keys.ENERGY_ZERO_HSE``
+    checks the hybrid target of a paired record."""
     bands = record.meta[bands_key]
     ref = np.asarray(bands["eigenvalues_eV"])
     err = np.abs(record_bands(record, np.asarray(bands["kpts_frac"]), target, energy_zero) - ref)
