@@ -266,7 +266,8 @@ def pack_main(
             "scf_conv_tol_Ha": MAIN_CONV_TOL_HA,
             "magnetism": "restricted closed-shell KS only: compounds chosen non-magnetic in PBE "
             "(no Cr, Mn, Fe, Co, Ni); possibly metallic structures (metals, defects, surfaces, "
-            "odd electron counts) use Fermi smearing",
+            "odd electron counts) use Fermi smearing, and a structure whose SCF does not converge "
+            "without it is retried once with it (its record's smearing_eV says so)",
             "slabs": "pbc false along z, 12 Å vacuum, k-mesh 1 and band k_z = 0 along z",
             "skipped": skipped,
             "failed": failed,
@@ -378,7 +379,11 @@ def main(argv: list[str] | None = None) -> None:
         tmp.replace(args.records_dir / MAIN_SKIPPED)  # atomic: never committed half-written
     if not args.pack_only:
         # main: failed keys are not rerun (failures.json keeps the reasons); looser SCF tolerance
-        main_kw = {"retry_failed": False, "conv_tol": MAIN_CONV_TOL_HA} if main_preset else {}
+        main_kw = (
+            {"retry_failed": False, "conv_tol": MAIN_CONV_TOL_HA, "smearing_retry_eV": SMEARING_EV}
+            if main_preset
+            else {}
+        )
         generate_dataset(
             structures, args.records_dir, workers=args.workers, cutoff_A=CUTOFF_A,
             kspacing=KSPACING, alias_margin_A=ALIAS_MARGIN_A, **main_kw,

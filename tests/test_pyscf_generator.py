@@ -322,3 +322,22 @@ def test_full_mesh_start_gives_the_same_record(si_scf, si_record, monkeypatch):
     dh = np.abs(record.absolute_h() - si_record.absolute_h()).max() * 1000
     assert dh < 0.05, f"max |ΔH| {dh:.4f} meV"
     assert record.meta["band_error_meV"]["occupied"] < 10
+
+
+def test_unconverged_insulator_is_retried_with_smearing(monkeypatch, si_scf):
+    """compute_record(smearing_retry_eV=…): an SCF without smearing that does not converge
+    runs once more with Fermi smearing; a smeared SCF that fails, or no retry set, raises."""
+    calls = []
+
+    def run(atoms, *, smearing_eV=None, **kw):
+        calls.append(smearing_eV)
+        if smearing_eV is None:
+            raise gen.SCFNotConverged("test: no convergence without smearing")
+        return si_scf
+
+    monkeypatch.setattr(gen, "run_scf", run)
+    monkeypatch.setattr(gen, "record_from_scf", lambda scf, **kw: scf)
+    assert gen.compute_record(si_scf.atoms, key="x", smearing_retry_eV=0.1) is si_scf
+    assert calls == [None, 0.1]
+    with pytest.raises(gen.SCFNotConverged):
+        gen.compute_record(si_scf.atoms, key="x")

@@ -684,6 +684,7 @@ def compute_record(
     conv_tol: float = 1e-9,
     conv_tol_grad: float | None = None,
     multigrid: bool = False,
+    smearing_retry_eV: float | None = None,
 ) -> HamiltonianRecord:
     """Run periodic PBE (or ``functional``) with PySCF and return H(R), S(R) as a record.
 
@@ -692,14 +693,24 @@ def compute_record(
     `foundation.data.graph.neighbor_edges`); ``smearing_eV``: Fermi–Dirac kT, None for
     insulators; ``dense_mesh``: default = smallest mesh whose BvK supercell has no vector
     shorter than ``cutoff_A + alias_margin_A``; ``ke_cutoff_Ha``: FFT-grid cutoff (default
-    `KE_CUTOFF_HA`); ``multigrid``: see `run_scf`. Method: module docstring (`run_scf`
-    then `record_from_scf`).
+    `KE_CUTOFF_HA`); ``multigrid``: see `run_scf`; ``smearing_retry_eV``: when an SCF
+    without smearing does not converge (a structure expected to be insulating that is metallic
+    or nearly so in this basis), run it once more with this Fermi–Dirac kT; the record's
+    ``smearing_eV`` says which one it is. Method: module docstring (`run_scf` then
+    `record_from_scf`).
     """
-    scf = run_scf(
-        atoms, key=key, basis=basis, functional=functional, kmesh=kmesh, pseudo=pseudo,
-        smearing_eV=smearing_eV, ke_cutoff_Ha=ke_cutoff_Ha, kspacing=kspacing, conv_tol=conv_tol,
+    settings = dict(
+        key=key, basis=basis, functional=functional, kmesh=kmesh, pseudo=pseudo,
+        ke_cutoff_Ha=ke_cutoff_Ha, kspacing=kspacing, conv_tol=conv_tol,
         conv_tol_grad=conv_tol_grad, multigrid=multigrid,
     )  # fmt: skip
+    try:
+        scf = run_scf(atoms, smearing_eV=smearing_eV, **settings)
+    except SCFNotConverged as exc:
+        if smearing_eV or not smearing_retry_eV:
+            raise
+        log.warning("%s; retrying with Fermi smearing %.3g eV", exc, smearing_retry_eV)
+        scf = run_scf(atoms, smearing_eV=smearing_retry_eV, **settings)
     return record_from_scf(
         scf, cutoff_A=cutoff_A, band_kpts_frac=band_kpts_frac, dense_mesh=dense_mesh,
         alias_margin_A=alias_margin_A, min_overlap_eig=min_overlap_eig,
