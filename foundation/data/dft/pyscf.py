@@ -451,7 +451,7 @@ class SCFResult:
     key: str
     atoms: ase.Atoms  # wrapped copy: the record's positions are these
     cell: object  # pyscf.pbc.gto.Cell
-    mf: object  # converged pyscf.pbc.dft KRKS (k-point symmetry adapted)
+    mf: object  # converged pyscf.pbc.dft KRKS (time-reversal-reduced k-mesh, or the full one)
     kmesh: tuple[int, int, int]
     functional: str
     basis: str
@@ -459,6 +459,7 @@ class SCFResult:
     smearing_eV: float | None
     seconds: float
     cpu_seconds: float = 0.0  # CPU time of this process (wall time inflates on a busy machine)
+    multigrid: bool = False  # J, XC and local PP on PySCF's multigrid (`run_scf`)
 
 
 def atomic_guess(mf) -> np.ndarray | None:
@@ -550,7 +551,7 @@ def run_scf(
         )
     return SCFResult(
         key, atoms, cell, mf, kmesh, functional, basis, pseudo, smearing_eV,
-        time.perf_counter() - t0, time.process_time() - c0,
+        time.perf_counter() - t0, time.process_time() - c0, multigrid,
     )  # fmt: skip
 
 
@@ -566,7 +567,6 @@ def record_from_scf(
     """H(R), S(R) of a converged SCF as a record (steps 2–7 of the module docstring)."""
     import scipy.linalg
     from pyscf.pbc import dft
-    from pyscf.pbc.dft.multigrid import MultiGridNumInt
 
     hartree = hartree_ev()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -580,8 +580,7 @@ def record_from_scf(
         dm_full, kpts_full = mf.make_rdm1(), mf.kpts
     mf_full = dft.KRKS(cell, kpts_full)
     mf_full.xc = scf.functional
-    multigrid = isinstance(mf._numint, MultiGridNumInt)
-    if multigrid:
+    if scf.multigrid:
         mf_full = mf_full.multigrid_numint()
     # 2. Fock at the dense mesh (time-reversal representatives) and the band k-points
     dense_mesh = tuple(
@@ -649,7 +648,7 @@ def record_from_scf(
         "smearing_eV": scf.smearing_eV,
         "ke_cutoff_Ha": float(cell.ke_cutoff) if cell.ke_cutoff is not None else None,
         "fft_mesh": [int(m) for m in cell.mesh],
-        "multigrid": multigrid,
+        "multigrid": scf.multigrid,
         "e_tot_eV": float(mf.e_tot) * hartree,
         "s_alias_error": alias,
         "s_min_eig": s_min,
