@@ -229,6 +229,18 @@ def _max_h_difference_meV(a, b) -> float | None:
     return float(np.abs(a.absolute_h() - b.absolute_h()).max() * 1000)
 
 
+def _band_change_meV(a, b) -> float:
+    """Max change of PySCF's own off-mesh bands (meta ``dft_bands``) between two runs of one
+    structure, after removing their mean shift (an SCF setting may move the potential's
+    average, which no property depends on)."""
+    import numpy as np
+
+    d = np.asarray(b.meta["dft_bands"]["eigenvalues_eV"]) - np.asarray(
+        a.meta["dft_bands"]["eigenvalues_eV"]
+    )
+    return float(np.abs(d - d.mean()).max() * 1000)
+
+
 def remaining_cost(rows: Sequence[dict], records_dir: Path) -> dict:
     """CPU-hours left for ``--preset main``: log CPU-s of the finished records fitted linearly
     in log `generate_dataset.main_cost` (k-points × FFT grid × orbitals), applied to every
@@ -316,6 +328,7 @@ def bench_generation(
                     rows[-1]["override"] = _generation_row(other) | {
                         "settings": overrides,
                         "max_abs_dH_meV": _max_h_difference_meV(record, other),
+                        "max_band_change_meV": _band_change_meV(record, other),
                     }
             except Exception as exc:  # PySCF raises several types; each is reported by key
                 failed[key] = f"{type(exc).__name__}: {exc}"
@@ -325,7 +338,8 @@ def bench_generation(
             o = r.get("override", {})
             print(f"  {key}: {r['total_s']:.1f} s, cpu {r['cpu_s']:.1f} s"
                   + (f"; {o['settings']}: {o['total_s']:.1f} s, cpu {o['cpu_s']:.1f} s, "
-                     f"max |ΔH| {o['max_abs_dH_meV']:.3f} meV" if o else ""), flush=True)  # fmt: skip
+                     f"max |ΔH| {o['max_abs_dH_meV']:.3f} meV, bands "
+                     f"{o['max_band_change_meV']:.1f} meV" if o else ""), flush=True)  # fmt: skip
         source = f"fresh compute_record runs (scripts/generate_dataset.py --preset {preset})"
     totals = [r["total_s"] for r in rows]
     return {
