@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from foundation.data.dft.pyscf import (  # noqa: E402
+    PER_STRUCTURE_KWARGS,
     OverlapNotPositiveDefinite,
     record_from_scf,
     run_scf,
@@ -39,7 +40,7 @@ def scan_structure(key: str, cutoffs: list[float]) -> dict:
     import generate_dataset as gd
 
     atoms = dict(gd.main_structures(gd.SEED)[0])[key]
-    kw = dict(atoms.info.get("pyscf", {}))
+    kw = dict(atoms.info.get(PER_STRUCTURE_KWARGS, {}))
     t0 = time.process_time()
     scf = run_scf(atoms, key=key, kspacing=gd.KSPACING, conv_tol=gd.MAIN_CONV_TOL_HA, **kw)
     rows = []
